@@ -1,0 +1,145 @@
+"""Image preprocessing for evaluation and augmentation for training, built with albumentations.
+
+The evaluation preprocessing is described by a `Preprocessing` record that is stored with every
+logged model, so that serving rebuilds exactly the transform the model was tested with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from albumentations.pytorch import ToTensorV2
+from PIL import Image
+
+from facemask.data.images import ImageSource, decode_image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Evaluation preprocessing: decode, resize to a square, normalise.
+
+    Attributes:
+        image_size: Side of the square model input in pixels.
+        mean: Per-channel mean subtracted after scaling pixels to [0, 1].
+        std: Per-channel standard deviation divided by after subtracting the mean.
+        resize: `stretch` resizes both sides to `image_size` without keeping the aspect ratio,
+            so the whole photo stays in view.
+        jpeg_draft: Whether JPEG files are decoded at a reduced scale no smaller than
+            `image_size` (see `facemask.data.images.decode_image`).
+    """
+
+    image_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    resize: str = "stretch"
+    jpeg_draft: bool = True
+
+    def __post_init__(self) -> None:
+        if self.image_size < 16:
+            raise ValueError(f"image_size must be at least 16 pixels, got {self.image_size}")
+        if self.resize != "stretch":
+            raise ValueError(f"unsupported resize mode {self.resize!r}; supported: 'stretch'")
+
+    @property
+    def draft_size(self) -> int | None:
+        """The `draft_size` to decode with, or None when draft decoding is off."""
+        return self.image_size if self.jpeg_draft else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable description."""
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Preprocessing:
+        """Rebuild from `to_dict` output; unknown keys are an error."""
+        known = {name for name in cls.__dataclass_fields__}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(
+                f"unknown preprocessing keys {sorted(unknown)}; known: {sorted(known)}"
+            )
+        kwargs = dict(values)
+        for key in ("mean", "std"):
+            if key in kwargs:
+                kwargs[key] = tuple(float(v) for v in kwargs[key])
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Strengths of the training augmentations.
+
+    Attributes:
+        scale_min: Smallest area fraction kept by the random resized crop (1.0 disables it).
+        hflip: Probability of a horizontal flip.
+        rotate: Maximum rotation in degrees, applied with probability 0.3.
+        color_jitter: Brightness, contrast and saturation change (fraction), applied with
+            probability 0.5; hue changes by a tenth of it.
+    """
+
+    scale_min: float = 0.6
+    hflip: float = 0.5
+    rotate: float = 15.0
+    color_jitter: float = 0.2
+
+
+def _normalise_and_tensor(pre: Preprocessing) -> list[A.BasicTransform]:
+    return [A.Normalize(mean=pre.mean, std=pre.std, max_pixel_value=255.0), ToTensorV2()]
+
+
+def build_eval_transform(pre: Preprocessing) -> A.Compose:
+    """Build the evaluation transform: resize to a square, normalise, HWC uint8 to CHW float."""
+    return A.Compose(
+        [
+            A.Resize(pre.image_size, pre.image_size, area_for_downscale="image"),
+            *_normalise_and_tensor(pre),
+        ]
+    )
+
+
+def build_train_transform(pre: Preprocessing, aug: Augmentation) -> A.Compose:
+    """Build the training transform: random crop, flip, rotation and colour changes."""
+    size = pre.image_size
+    steps: list[A.BasicTransform] = []
+    if aug.scale_min < 1.0:
+        steps.append(
+            A.RandomResizedCrop(
+                size=(size, size), scale=(aug.scale_min, 1.0), area_for_downscale="image"
+            )
+        )
+    else:
+        steps.append(A.Resize(size, size, area_for_downscale="image"))
+    if aug.hflip > 0:
+        steps.append(A.HorizontalFlip(p=aug.hflip))
+    if aug.rotate > 0:
+        steps.append(
+            A.Affine(rotate=(-aug.rotate, aug.rotate), border_mode=cv2.BORDER_REPLICATE, p=0.3)
+        )
+    if aug.color_jitter > 0:
+        jitter = aug.color_jitter
+        steps.append(
+            A.ColorJitter(
+                brightness=jitter, contrast=jitter, saturation=jitter, hue=jitter / 10, p=0.5
+            )
+        )
+    return A.Compose([*steps, *_normalise_and_tensor(pre)])
+
+
+def image_to_tensor(image: Image.Image, transform: A.Compose) -> torch.Tensor:
+    """Apply an albumentations transform to an RGB picture and return a CHW float tensor."""
+    return transform(image=np.asarray(image))["image"]
+
+
+def preprocess_file(source: ImageSource, pre: Preprocessing) -> torch.Tensor:
+    """Decode one image file and apply the evaluation preprocessing; returns a CHW tensor."""
+    image = decode_image(source, draft_size=pre.draft_size).image
+    return image_to_tensor(image, build_eval_transform(pre))

@@ -1,0 +1,1 @@
+"""The classifier: a timm backbone wrapped in a LightningModule."""
