@@ -1,0 +1,1 @@
+"""MLflow tracking: run artifacts, model logging and the model registry."""

@@ -1,0 +1,48 @@
+"""`python train.py` / `facemask-train`: the Hydra entry point of the training job."""
+
+from __future__ import annotations
+
+import logging
+
+from facemask.settings import configure_environment, project_root
+
+configure_environment()
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def _route_lightning_logs_to_root() -> None:
+    # `import lightning` attaches its own console handler, so every Lightning message would
+    # print twice next to the handlers that Hydra configures on the root logger.
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+
+
+# An absolute path: Hydra resolves a relative one as a Python module inside the package.
+CONFIG_DIR = str(project_root() / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Train, test, log and register a model; returns the best validation score for sweepers."""
+    from facemask.data.scan import DatasetError
+    from facemask.models.backbone import BackboneError, PretrainedWeightsError
+    from facemask.training import format_summary, train
+
+    _route_lightning_logs_to_root()
+    try:
+        result = train(cfg)
+    except (DatasetError, BackboneError, PretrainedWeightsError) as exc:
+        log.error("%s", exc)
+        raise SystemExit(2) from exc
+    print(format_summary(result), flush=True)
+    return result.val_score
+
+
+if __name__ == "__main__":
+    main()

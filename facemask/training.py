@@ -1,0 +1,219 @@
+"""The training job: split the data, train, test the best checkpoint, log and register the model."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import mlflow
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from facemask.data.datamodule import FaceMaskDataModule
+from facemask.models.classifier import FaceMaskClassifier
+from facemask.tracking.artifacts import log_run_inputs, log_test_reports
+from facemask.tracking.registry import RegistrationResult, log_model, register_and_promote
+
+log = logging.getLogger(__name__)
+
+# Written next to the checkpoints folder so a resumed training continues the same MLflow run.
+RUN_ID_FILE = "mlflow_run_id"
+
+
+@dataclass
+class TrainingResult:
+    """What a finished training job produced."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    output_dir: Path
+    best_checkpoint: str | None
+    val_score: float | None
+    test_metrics: dict[str, float] = field(default_factory=dict)
+    registration: RegistrationResult | None = None
+    artifact_uri: str = ""
+
+
+def _instantiate_callbacks(cfg: DictConfig) -> list[Callback]:
+    callbacks_cfg = cfg.get("callbacks") or {}
+    return [instantiate(entry) for entry in callbacks_cfg.values() if entry and "_target_" in entry]
+
+
+def _resumed_run_id(ckpt_path: str | None) -> str | None:
+    if not ckpt_path:
+        return None
+    run_file = Path(ckpt_path).expanduser().resolve().parent.parent / RUN_ID_FILE
+    if run_file.is_file():
+        return run_file.read_text().strip() or None
+    return None
+
+
+def _final_status(exc: BaseException) -> str:
+    # Ctrl+C makes Lightning call sys.exit(1); SIGTERM raises SIGTERMException(SystemExit).
+    return "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit) else "FAILED"
+
+
+def build_components(cfg: DictConfig) -> tuple[FaceMaskDataModule, FaceMaskClassifier]:
+    """Check and split the data, then build the model sized to its classes.
+
+    Everything that can fail on bad input fails here, before an MLflow run exists.
+    """
+    datamodule: FaceMaskDataModule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model: FaceMaskClassifier = instantiate(cfg.model, class_names=datamodule.classes)
+    return datamodule, model
+
+
+def train(cfg: DictConfig) -> TrainingResult:
+    """Run the whole training job described by a composed `conf/train.yaml`."""
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    datamodule, model = build_components(cfg)
+
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    resumed_run_id = _resumed_run_id(cfg.get("ckpt_path"))
+    logger = instantiate(cfg.logger.mlflow, run_id=resumed_run_id)
+    callbacks = _instantiate_callbacks(cfg)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    client: MlflowClient = logger.experiment
+    run_id = logger.run_id
+    (output_dir / RUN_ID_FILE).write_text(run_id)
+    log.info(
+        "MLflow run %s in experiment %r (%s)",
+        run_id,
+        cfg.mlflow.experiment_name,
+        cfg.mlflow.tracking_uri,
+    )
+
+    try:
+        result = _run(
+            cfg, trainer, logger, client, run_id, datamodule, model, output_dir, resumed_run_id
+        )
+    except BaseException as exc:
+        status = _final_status(exc)
+        log.error(
+            "Training stopped (%s); MLflow run %s marked %s", type(exc).__name__, run_id, status
+        )
+        client.set_terminated(run_id, status)
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return result
+
+
+def _run(
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    logger,
+    client: MlflowClient,
+    run_id: str,
+    datamodule: FaceMaskDataModule,
+    model: FaceMaskClassifier,
+    output_dir: Path,
+    resumed_run_id: str | None,
+) -> TrainingResult:
+    if resumed_run_id:
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "resumed_from", str(cfg.ckpt_path))
+    else:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    log_run_inputs(client, run_id, cfg, datamodule, output_dir)
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if trainer.interrupted:
+        raise KeyboardInterrupt("training was interrupted")
+
+    checkpoint = trainer.checkpoint_callback
+    best_path = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
+    val_score = None
+    if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_score is not None:
+        val_score = float(checkpoint.best_model_score)
+    # Without a saved checkpoint (fast_dev_run) the weights in memory are tested.
+    trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)
+    test_metrics = {
+        key: float(value)
+        for key, value in trainer.callback_metrics.items()
+        if key.startswith("test/") and value.numel() == 1
+    }
+    log_test_reports(client, run_id, model.test_results, datamodule.classes, output_dir)
+
+    registration = _log_and_register(cfg, run_id, datamodule, model, test_metrics)
+    run = client.get_run(run_id)
+    return TrainingResult(
+        run_id=run_id,
+        experiment_id=run.info.experiment_id,
+        tracking_uri=cfg.mlflow.tracking_uri,
+        output_dir=output_dir,
+        best_checkpoint=best_path or None,
+        val_score=val_score,
+        test_metrics=test_metrics,
+        registration=registration,
+        artifact_uri=run.info.artifact_uri,
+    )
+
+
+def _log_and_register(
+    cfg: DictConfig,
+    run_id: str,
+    datamodule: FaceMaskDataModule,
+    model: FaceMaskClassifier,
+    test_metrics: dict[str, float],
+) -> RegistrationResult | None:
+    test_set = datamodule.datasets["test"]
+    example = torch.stack([test_set[i][0] for i in range(min(2, len(test_set)))])
+    if example.shape[0] < 2:
+        example = example.repeat(2, 1, 1, 1)
+    with mlflow.start_run(run_id=run_id):
+        info = log_model(
+            model.probability_model(),
+            example,
+            datamodule.classes,
+            datamodule.preprocessing,
+            extra_metadata={"timm_model": cfg.model.name, "run_id": run_id},
+        )
+        # start_run on an existing run marks it FINISHED on exit; the caller sets the real status.
+    log.info("Logged the model as %s", info.model_uri)
+    if not cfg.registry.register:
+        return RegistrationResult(info.model_uri, None, None, None, False, "registration is off")
+    return register_and_promote(
+        info.model_uri,
+        run_id,
+        model_name=cfg.registry.model_name,
+        alias=cfg.registry.alias,
+        metrics=test_metrics,
+        policy=cfg.registry.promote,
+        compare_metric=cfg.registry.compare_metric,
+        greater_is_better=cfg.registry.greater_is_better,
+    )
+
+
+def format_summary(result: TrainingResult) -> str:
+    """Return the few lines a user needs after a training job."""
+    lines = [
+        "Training finished.",
+        f"  MLflow run:     {result.run_id} (experiment {result.experiment_id})",
+        f"  Tracking URI:   {result.tracking_uri}",
+    ]
+    reg = result.registration
+    if reg is not None and reg.version is not None:
+        where = "now on this version" if reg.promoted else "unchanged"
+        lines.append(f"  Registered:     {reg.model_name} version {reg.version}")
+        lines.append(f"  Alias:          {reg.alias!r} {where} ({reg.reason})")
+        lines.append(f"  Model URI:      models:/{reg.model_name}/{reg.version}")
+    elif reg is not None:
+        lines.append(f"  Logged model:   {reg.model_uri} (not registered: {reg.reason})")
+    for key in ("test/acc", "test/balanced_acc", "test/f1", "test/auroc", "test/loss"):
+        if key in result.test_metrics:
+            lines.append(f"  {key + ':':<15} {result.test_metrics[key]:.4f}")
+    lines.append(f"  Artifacts:      {result.artifact_uri}")
+    lines.append(f"  Run folder:     {result.output_dir}")
+    if result.best_checkpoint:
+        lines.append(f"  Best checkpoint: {result.best_checkpoint}")
+    return "\n".join(lines)
