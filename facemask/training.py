@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +15,7 @@ import mlflow
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
@@ -27,7 +32,7 @@ RUN_ID_FILE = "mlflow_run_id"
 
 @dataclass
 class TrainingResult:
-    """What a finished training job produced."""
+    """Outputs of a finished training job."""
 
     run_id: str
     experiment_id: str
@@ -52,6 +57,23 @@ def _resumed_run_id(ckpt_path: str | None) -> str | None:
     if run_file.is_file():
         return run_file.read_text().strip() or None
     return None
+
+
+@contextlib.contextmanager
+def _exit_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into `SystemExit(143)` so the run is marked KILLED instead of left RUNNING."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _final_status(exc: BaseException) -> str:
@@ -103,6 +125,9 @@ def train(cfg: DictConfig) -> TrainingResult:
             "Training stopped (%s); MLflow run %s marked %s", type(exc).__name__, run_id, status
         )
         client.set_terminated(run_id, status)
+        if isinstance(exc, SIGTERMException):
+            # Lightning raises it without an exit code, which would exit with status 0.
+            raise SystemExit(128 + signal.SIGTERM) from exc
         raise
     client.set_terminated(run_id, "FINISHED")
     return result

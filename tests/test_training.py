@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -13,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from facemask.data.scan import DatasetError
 from facemask.data.transforms import Preprocessing, preprocess_file
 from facemask.models.classifier import FaceMaskClassifier
+from facemask.settings import project_root
 from facemask.training import train
 from tests.helpers import compose_train_config
 
@@ -207,3 +212,32 @@ def test_missing_data_stops_before_any_run(tmp_path):
     with pytest.raises(DatasetError, match="nowhere"):
         train(cfg)
     assert _runs(store) == []
+
+
+def test_sigterm_marks_run_killed(small_dataset, tmp_path):
+    store = tmp_path / "store"
+    output_dir = tmp_path / "run"
+    overrides = _overrides(small_dataset, store, output_dir, "trainer.max_epochs=200")
+    command = [sys.executable, str(project_root() / "train.py"), *overrides]
+    command.append(f"hydra.run.dir={output_dir}")
+    log_path = tmp_path / "train.log"
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            # The first epoch's checkpoint shows that training is under way.
+            last = output_dir / "checkpoints" / "last.ckpt"
+            deadline = time.monotonic() + 180
+            while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert last.exists(), log_path.read_text()[-3000:]
+            process.send_signal(signal.SIGTERM)
+            returncode = process.wait(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert returncode == 128 + signal.SIGTERM, log_path.read_text()[-3000:]
+    runs = _runs(store)
+    assert [run.info.status for run in runs] == ["KILLED"]
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    assert client.search_registered_models() == []
