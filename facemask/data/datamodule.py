@@ -74,7 +74,7 @@ class FaceMaskDataModule(L.LightningDataModule):
         jpeg_draft: Decode JPEG files at reduced scale (see `Preprocessing.jpeg_draft`).
         cache_dir: Folder for the scan cache; None disables caching.
         pin_memory: Pin batches in page-locked memory (useful on GPUs).
-        download: Fetch the public dataset into `root` when it holds no images.
+        download: Fetch the public dataset into `root` when it contains no images.
     """
 
     def __init__(

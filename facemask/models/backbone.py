@@ -1,4 +1,4 @@
-"""Create timm backbones, with errors that say how to train without downloaded weights."""
+"""Create timm backbones, and explain how to train offline when weights cannot be downloaded."""
 
 from __future__ import annotations
 
