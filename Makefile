@@ -1,0 +1,60 @@
+# Run `make help` for the list of targets.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Extra Hydra overrides for `make train`, e.g. make train ARGS="data.root=PATH model.pretrained=false"
+ARGS ?=
+
+# MLflow, Evidently and albumentations call home on import unless told not to.
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DO_NOT_TRACK ?= true
+export NO_ALBUMENTATIONS_UPDATE ?= 1
+
+.DEFAULT_GOAL := help
+.PHONY: help setup train data test test-slow lint format lock mlflow-ui clean
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements.lock
+	$(PY) -m pip install --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.installed ## Create .venv and install the pinned dependencies
+
+train: setup ## Train 5 epochs on data/raw (downloaded if empty), then register the model
+	$(PY) train.py data.download=true trainer.max_epochs=5 $(ARGS)
+
+data: setup ## Download the public development dataset into data/raw
+	$(PY) scripts/download_data.py
+
+test: setup ## Run the default test suite (slow tests excluded)
+	$(PY) -m pytest
+
+test-slow: setup ## Run only the tests marked slow
+	$(PY) -m pytest -m slow
+
+lint: setup ## Check formatting and lint with ruff
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
+
+format: setup ## Format the code with ruff
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+lock: ## Regenerate requirements.lock from requirements*.in in a fresh virtual environment
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --upgrade pip
+	.lock-venv/bin/pip install -r requirements.in -r requirements-dev.in
+	.lock-venv/bin/pip freeze --exclude-editable > requirements.lock
+	rm -rf .lock-venv
+
+mlflow-ui: setup ## Open the MLflow UI on the default store at http://127.0.0.1:5000
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port 5000
+
+clean: ## Remove caches and run outputs (keeps mlruns/ and data/)
+	rm -rf .pytest_cache .ruff_cache logs .cache
