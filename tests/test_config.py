@@ -1,4 +1,4 @@
-"""The Hydra configuration: every group composes, and the command line works as Hydra users expect."""
+"""The Hydra configuration: every group composes and the command line behaves as in Hydra."""
 
 from __future__ import annotations
 
