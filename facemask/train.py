@@ -9,6 +9,7 @@ from facemask.settings import configure_environment, project_root
 configure_environment()
 
 import hydra  # noqa: E402
+from hydra.errors import InstantiationException  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,15 @@ def main(cfg: DictConfig) -> float | None:
     from facemask.training import format_summary, train
 
     _route_lightning_logs_to_root()
+    user_errors = (DatasetError, BackboneError, PretrainedWeightsError)
     try:
         result = train(cfg)
-    except (DatasetError, BackboneError, PretrainedWeightsError) as exc:
-        log.error("%s", exc)
+    except (*user_errors, InstantiationException) as exc:
+        # Hydra wraps errors raised while building objects from `_target_` configs.
+        cause = exc.__cause__ if isinstance(exc, InstantiationException) else exc
+        if not isinstance(cause, user_errors):
+            raise
+        log.error("%s", cause)
         raise SystemExit(2) from exc
     print(format_summary(result), flush=True)
     return result.val_score

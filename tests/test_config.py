@@ -107,3 +107,15 @@ def test_cli_missing_data_exits_with_message(tmp_path):
     assert str(missing) in output
     assert "data.root" in output
     assert "Traceback" not in output
+
+
+def test_cli_invalid_splits_exit_with_message(tmp_path):
+    result = _run_train_cli(
+        "data.splits=[0.5,0.2,0.2]",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert result.returncode == 2
+    output = result.stdout + result.stderr
+    assert "data.splits=[0.5, 0.2, 0.2]" in output
+    assert "Traceback" not in output
