@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +68,61 @@ def broken_image_files() -> dict[str, bytes]:
         "text.jpg": b"This is a text file, not a JPEG.\n",
         "empty.jpg": b"",
     }
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A model trained on a small real subset and registered in a temporary MLflow store."""
+
+    tracking_uri: str
+    store: Path
+    data_root: Path
+    run_id: str
+    model_name: str
+    version: str
+    alias: str
+    best_checkpoint: str
+
+    @property
+    def alias_uri(self) -> str:
+        return f"models:/{self.model_name}@{self.alias}"
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory, real_data_root: Path) -> TrainedModel:
+    """Train one epoch at 64 pixels on 24 photos per class and register the model (about 15 s)."""
+    from facemask.training import train
+    from tests.helpers import compose_train_config, copy_real_subset
+
+    data_root = copy_real_subset(real_data_root, tmp_path_factory.mktemp("model-data"), 24)
+    store = tmp_path_factory.mktemp("model-store")
+    tracking_uri = f"sqlite:///{store / 'mlflow.db'}"
+    cfg = compose_train_config(
+        [
+            f"data.root={data_root}",
+            "data.image_size=64",
+            "data.batch_size=8",
+            "data.num_workers=0",
+            f"data.cache_dir={store / 'cache'}",
+            "model.pretrained=false",
+            "model.optimizer.lr=1e-3",
+            "trainer.max_epochs=1",
+            "trainer.accelerator=cpu",
+            "trainer.enable_progress_bar=false",
+            "~callbacks.progress_bar",
+            f"mlflow.tracking_uri={tracking_uri}",
+            f"mlflow.artifact_location={store / 'artifacts'}",
+            f"paths.output_dir={store / 'run'}",
+        ]
+    )
+    result = train(cfg)
+    return TrainedModel(
+        tracking_uri=tracking_uri,
+        store=store,
+        data_root=data_root,
+        run_id=result.run_id,
+        model_name=result.registration.model_name,
+        version=result.registration.version,
+        alias=result.registration.alias,
+        best_checkpoint=result.best_checkpoint,
+    )

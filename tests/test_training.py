@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,23 +18,14 @@ from facemask.data.transforms import Preprocessing, preprocess_file
 from facemask.models.classifier import FaceMaskClassifier
 from facemask.settings import project_root
 from facemask.training import train
-from tests.helpers import compose_train_config
+from tests.helpers import compose_train_config, copy_real_subset
 
 IMAGES_PER_CLASS = 24
 
 
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory, real_data_root: Path) -> Path:
-    """Copy a few real photos of each class, both web photos and tight crops, into a folder."""
-    root = tmp_path_factory.mktemp("small-data")
-    for label in ("mask", "no_mask"):
-        files = sorted((real_data_root / label).iterdir())
-        # Every 40th file mixes the sources that the class folders contain.
-        chosen = files[:: max(1, len(files) // IMAGES_PER_CLASS)][:IMAGES_PER_CLASS]
-        (root / label).mkdir()
-        for path in chosen:
-            shutil.copy2(path, root / label / path.name)
-    return root
+    return copy_real_subset(real_data_root, tmp_path_factory.mktemp("small-data"), IMAGES_PER_CLASS)
 
 
 def _overrides(data_root: Path, store: Path, output_dir: Path, *extra: str) -> list[str]:

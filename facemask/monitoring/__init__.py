@@ -1,0 +1,1 @@
+"""Prediction monitoring: input properties, drift against the training reference."""
