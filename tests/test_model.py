@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import huggingface_hub.constants
 import pytest
 import timm
 import torch
@@ -35,7 +36,9 @@ def test_unknown_model_name_suggests_names():
 
 def test_offline_pretrained_error_names_both_fixes(monkeypatch):
     # With the hub in offline mode the download fails at once, as it does without a network.
+    # huggingface_hub reads the variable when it is imported, so the constant is patched too.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(PretrainedWeightsError) as excinfo:
         create_backbone("resnet18", 2, pretrained=True)
     message = str(excinfo.value)
