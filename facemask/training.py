@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from facemask.data.datamodule import FaceMaskDataModule
 from facemask.models.classifier import FaceMaskClassifier
+from facemask.monitoring.reference import build_reference, log_reference
 from facemask.tracking.artifacts import log_run_inputs, log_test_reports
 from facemask.tracking.registry import RegistrationResult, log_model, register_and_promote
 
@@ -168,6 +169,7 @@ def _run(
         if key.startswith("test/") and value.numel() == 1
     }
     log_test_reports(client, run_id, model.test_results, datamodule.classes, output_dir)
+    log_reference(client, run_id, build_reference(datamodule, model.test_results), output_dir)
 
     registration = _log_and_register(cfg, run_id, datamodule, model, test_metrics)
     run = client.get_run(run_id)
