@@ -1,6 +1,9 @@
-"""Serving entry point. The prediction service is not implemented yet; this exits with status 1."""
+"""Serve the registered face-mask classifier: `python serve.py model.alias=challenger port=9000`.
 
-import sys
+See `python serve.py --help` for the configuration, and README.md for the endpoints.
+"""
+
+from facemask.serve import main
 
 if __name__ == "__main__":
-    sys.exit("serve.py: serving is not implemented yet; only training (train.py) is available.")
+    main()

@@ -1,0 +1,134 @@
+"""The FastAPI app of the prediction service."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import anyio.to_thread
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from PIL import Image
+
+from facemask import __version__
+from facemask.serving.drift_routes import router as drift_router
+from facemask.serving.errors import install_error_handlers
+from facemask.serving.metrics import ServiceMetrics
+from facemask.serving.middleware import RequestContextMiddleware, UploadLimitMiddleware
+from facemask.serving.model_store import ModelBundle
+from facemask.serving.prediction_log import PredictionLog
+from facemask.serving.prediction_routes import router as prediction_router
+from facemask.serving.predictor import Predictor
+from facemask.serving.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+# Room for the multipart boundaries and part headers around each file, in bytes. Uploads are
+# checked against `max_upload_bytes` per file after parsing; this only bounds the raw body.
+MULTIPART_OVERHEAD_BYTES = 16 * 1024
+
+
+def _warm_up(predictor: Predictor) -> None:
+    """Classify one grey JPEG through the whole request path (decode, transform, model)."""
+    size = predictor.bundle.preprocessing.image_size
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (128, 128, 128)).save(buffer, format="JPEG")
+    predictor.predict(buffer.getvalue())
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state = app.state
+    state.inference_limiter = anyio.CapacityLimiter(state.settings.inference_workers)
+    await anyio.to_thread.run_sync(_warm_up, state.predictor)
+    state.ready = True
+    log.info("Ready: model %s version %s", state.bundle.uri, state.bundle.version)
+    try:
+        yield
+    finally:
+        state.ready = False
+        state.prediction_log.close()
+        log.info("Shut down the app of model %s", state.bundle.uri)
+
+
+def _model_description(bundle: ModelBundle) -> dict[str, Any]:
+    size = bundle.preprocessing.image_size
+    return {
+        "name": bundle.name,
+        "version": bundle.version,
+        "alias": bundle.alias,
+        "run_id": bundle.run_id,
+        "uri": bundle.uri,
+        "classes": bundle.class_names,
+        "input_size": [3, size, size],
+        "preprocessing": bundle.preprocessing.to_dict(),
+        "test_metrics": bundle.test_metrics,
+    }
+
+
+def _add_status_routes(app: FastAPI) -> None:
+    @app.get("/health", tags=["status"])
+    async def health() -> dict[str, str]:
+        """Liveness: return 200 while the process runs, without touching the model."""
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["status"])
+    async def ready(request: Request) -> JSONResponse:
+        """Readiness: return 200 once the model is loaded and warmed up, 503 before."""
+        if request.app.state.ready:
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "not_ready"}, status_code=503)
+
+    @app.get("/info", tags=["status"])
+    async def info(request: Request) -> dict[str, Any]:
+        """Describe the served model: registry entry, run, classes, input size, test metrics."""
+        return _model_description(request.app.state.bundle)
+
+    @app.get("/metrics", tags=["status"])
+    async def metrics(request: Request) -> Response:
+        """Return the Prometheus metrics in the text exposition format."""
+        service_metrics: ServiceMetrics = request.app.state.metrics
+        return Response(service_metrics.render(), media_type=service_metrics.content_type)
+
+
+def create_app(settings: ServeSettings, bundle: ModelBundle) -> FastAPI:
+    """Build the app that serves `bundle`.
+
+    `GET /ready` returns 503 and `POST /predict` is rejected until the lifespan startup has run
+    one image through the model; ASGI servers and `with TestClient(app)` run it.
+    """
+    app = FastAPI(
+        title="facemask prediction service",
+        version=__version__,
+        description="Classify photos as mask / no_mask with a model from the MLflow registry.",
+        lifespan=_lifespan,
+    )
+    metrics = ServiceMetrics(bundle)
+    app.state.settings = settings
+    app.state.bundle = bundle
+    app.state.metrics = metrics
+    app.state.predictor = Predictor(bundle, settings.max_pixels)
+    app.state.prediction_log = PredictionLog(
+        settings.prediction_log,
+        max_bytes=settings.prediction_log_max_bytes,
+        backups=settings.prediction_log_backups,
+    )
+    app.state.ready = False
+
+    install_error_handlers(app)
+    _add_status_routes(app)
+    app.include_router(prediction_router)
+    app.include_router(drift_router)
+
+    per_file = settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+    app.add_middleware(
+        UploadLimitMiddleware,
+        limits={"/predict": per_file, "/predict/batch": per_file * settings.max_batch_files},
+    )
+    # Added last, so it is the outer one and also renders the upload limit's rejections.
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    return app

@@ -1,0 +1,84 @@
+"""Prometheus metrics of one app, kept in the app's own registry."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from facemask.serving.model_store import ModelBundle
+
+# Seconds; spans a cached small image (a few ms) to a slow batch on a busy CPU.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class ServiceMetrics:
+    """Request, prediction and model metrics.
+
+    A registry per instance keeps apps created in one process (tests, reloads) from
+    registering the same metric names twice in prometheus_client's global registry.
+    """
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, bundle: ModelBundle):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "facemask_http_requests",
+            "HTTP requests by route template, method and status code.",
+            ["endpoint", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "facemask_http_request_duration_seconds",
+            "Time from receiving a request to sending the end of its response.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.predictions = Counter(
+            "facemask_predictions",
+            "Images classified, by predicted class.",
+            ["label"],
+            registry=self.registry,
+        )
+        self.rejected_inputs = Counter(
+            "facemask_rejected_inputs",
+            "Uploads rejected before prediction, by error code.",
+            ["code"],
+            registry=self.registry,
+        )
+        self.prediction_log_failures = Counter(
+            "facemask_prediction_log_failures",
+            "Prediction log lines that could not be written.",
+            registry=self.registry,
+        )
+        self.model_info = Gauge(
+            "facemask_model_info",
+            "The served model; the value is always 1.",
+            ["name", "version", "alias", "run_id", "uri"],
+            registry=self.registry,
+        )
+        self.model_info.labels(
+            name=bundle.name or "",
+            version=bundle.version or "",
+            alias=bundle.alias or "",
+            run_id=bundle.run_id or "",
+            uri=bundle.uri,
+        ).set(1)
+        for label in bundle.class_names:
+            self.predictions.labels(label=label)
+
+    def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
+        """Count one finished request and record its latency."""
+        self.requests.labels(endpoint=endpoint, method=method, status=str(status)).inc()
+        self.latency.labels(endpoint=endpoint).observe(seconds)
+
+    def render(self) -> bytes:
+        """Return the metrics in the Prometheus text format."""
+        return generate_latest(self.registry)

@@ -1,0 +1,110 @@
+"""Settings of the prediction service, built from a composed `conf/serve.yaml`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Configuration of one server process.
+
+    Attributes:
+        model_uri: The MLflow model URI to serve.
+        tracking_uri: The MLflow tracking URI that resolves `models:/` and `runs:/` URIs.
+        host: Address to bind.
+        port: TCP port to bind.
+        max_upload_bytes: Largest accepted upload per file, in bytes.
+        max_pixels: Largest accepted image, in pixels declared by the file header.
+        max_batch_files: Maximum number of files in one batch request.
+        prediction_log: Path of the JSON-lines prediction log.
+        prediction_log_max_bytes: Size in bytes past which the log is rotated.
+        prediction_log_backups: Rotated files kept (`.1` ... `.N`).
+        inference_workers: Predictions that run at the same time.
+        torch_threads: Intra-op threads of torch, or None to divide the CPUs among the workers.
+        log_level: Python logging level name for the service and uvicorn.
+    """
+
+    model_uri: str
+    tracking_uri: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_upload_bytes: int = 10_000_000
+    max_pixels: int = 50_000_000
+    max_batch_files: int = 32
+    prediction_log: Path = Path("logs/predictions.jsonl")
+    prediction_log_max_bytes: int = 50_000_000
+    prediction_log_backups: int = 5
+    inference_workers: int = 2
+    torch_threads: int | None = None
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        positive = {
+            "max_upload_bytes": self.max_upload_bytes,
+            "max_pixels": self.max_pixels,
+            "max_batch_files": self.max_batch_files,
+            "prediction_log.max_bytes": self.prediction_log_max_bytes,
+            "inference_workers": self.inference_workers,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{key}={value} is invalid; it must be a positive integer")
+        if self.prediction_log_backups < 0:
+            raise ValueError(
+                f"prediction_log.backups={self.prediction_log_backups} is invalid; use 0 or more"
+            )
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port={self.port} is invalid; use a TCP port from 0 to 65535")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads={self.torch_threads} is invalid; use null or >= 1")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ValueError(f"log_level={self.log_level!r} is invalid; use one of {LOG_LEVELS}")
+
+    @property
+    def intra_op_threads(self) -> int:
+        """Threads for `torch.set_num_threads`: the setting, or the CPUs per inference worker."""
+        if self.torch_threads is not None:
+            return self.torch_threads
+        return max(1, len(os.sched_getaffinity(0)) // self.inference_workers)
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> ServeSettings:
+        """Build the settings from a composed `conf/serve.yaml`."""
+        log_cfg: Any = cfg.prediction_log
+        return cls(
+            model_uri=model_uri_from_config(cfg.model),
+            tracking_uri=str(cfg.mlflow.tracking_uri),
+            host=str(cfg.host),
+            port=int(cfg.port),
+            max_upload_bytes=int(cfg.max_upload_bytes),
+            max_pixels=int(cfg.max_pixels),
+            max_batch_files=int(cfg.max_batch_files),
+            prediction_log=Path(str(log_cfg.path)).expanduser(),
+            prediction_log_max_bytes=int(log_cfg.max_bytes),
+            prediction_log_backups=int(log_cfg.backups),
+            inference_workers=int(cfg.inference_workers),
+            torch_threads=None if cfg.torch_threads is None else int(cfg.torch_threads),
+            log_level=str(cfg.log_level).lower(),
+        )
+
+
+def model_uri_from_config(model_cfg: DictConfig) -> str:
+    """Return `model.uri`, else `models:/NAME/VERSION` when a version is set, else `NAME@ALIAS`."""
+    if model_cfg.get("uri"):
+        return str(model_cfg.uri)
+    name = model_cfg.get("name")
+    if not name:
+        raise ValueError("model.name is empty; set model.name or model.uri")
+    if model_cfg.get("version") is not None:
+        return f"models:/{name}/{model_cfg.version}"
+    if model_cfg.get("alias"):
+        return f"models:/{name}@{model_cfg.alias}"
+    raise ValueError("model.alias and model.version are both empty; set one, or set model.uri")
