@@ -34,8 +34,8 @@ data: setup ## Download the public development dataset into data/raw
 test: setup ## Run the default test suite (slow tests excluded)
 	$(PY) -m pytest
 
-test-slow: setup ## Run only the tests marked slow
-	$(PY) -m pytest -m slow
+test-slow: setup ## Run only the tests marked slow (succeeds when none are marked)
+	$(PY) -m pytest -m slow; status=$$?; [ $$status -eq 0 ] || [ $$status -eq 5 ]
 
 lint: setup ## Check formatting and lint with ruff
 	$(PY) -m ruff format --check .
@@ -56,5 +56,5 @@ lock: ## Regenerate requirements.lock from requirements*.in in a fresh virtual e
 mlflow-ui: setup ## Open the MLflow UI on the default store at http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db --host 127.0.0.1 --port 5000
 
-clean: ## Remove caches and run outputs (keeps mlruns/ and data/)
-	rm -rf .pytest_cache .ruff_cache logs .cache
+clean: ## Remove caches and training run folders (keeps mlruns/, data/ and the prediction log)
+	rm -rf .pytest_cache .ruff_cache logs/train .cache

@@ -31,12 +31,20 @@ CONFIG_DIR = str(project_root() / "conf")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Train, test, log and register a model; returns the best validation score for sweepers."""
+    from facemask.data.download import DownloadError
+    from facemask.data.importer import DatasetImportError
     from facemask.data.scan import DatasetError
     from facemask.models.backbone import BackboneError, PretrainedWeightsError
     from facemask.training import format_summary, train
 
     _route_lightning_logs_to_root()
-    user_errors = (DatasetError, BackboneError, PretrainedWeightsError)
+    user_errors = (
+        DatasetError,
+        DatasetImportError,
+        DownloadError,
+        BackboneError,
+        PretrainedWeightsError,
+    )
     try:
         result = train(cfg)
     except (*user_errors, InstantiationException) as exc:
@@ -45,6 +53,11 @@ def main(cfg: DictConfig) -> float | None:
         if not isinstance(cause, user_errors):
             raise
         log.error("%s", cause)
+        if isinstance(cause, DownloadError):
+            log.error(
+                "Without network access, put the images in data.root=PATH yourself, or import "
+                "a zip or folder with `python scripts/download_data.py --from PATH`."
+            )
         raise SystemExit(2) from exc
     print(format_summary(result), flush=True)
     return result.val_score

@@ -223,24 +223,26 @@ def _log_and_register(
 
 def format_summary(result: TrainingResult) -> str:
     """Return the few lines a user needs after a training job."""
-    lines = [
-        "Training finished.",
-        f"  MLflow run:     {result.run_id} (experiment {result.experiment_id})",
-        f"  Tracking URI:   {result.tracking_uri}",
+    rows = [
+        ("MLflow run", f"{result.run_id} (experiment {result.experiment_id})"),
+        ("Tracking URI", result.tracking_uri),
     ]
     reg = result.registration
     if reg is not None and reg.version is not None:
         where = "now on this version" if reg.promoted else "unchanged"
-        lines.append(f"  Registered:     {reg.model_name} version {reg.version}")
-        lines.append(f"  Alias:          {reg.alias!r} {where} ({reg.reason})")
-        lines.append(f"  Model URI:      models:/{reg.model_name}/{reg.version}")
+        rows.append(("Registered", f"{reg.model_name} version {reg.version}"))
+        rows.append(("Alias", f"{reg.alias!r} {where} ({reg.reason})"))
+        rows.append(("Model URI", f"models:/{reg.model_name}/{reg.version}"))
     elif reg is not None:
-        lines.append(f"  Logged model:   {reg.model_uri} (not registered: {reg.reason})")
+        rows.append(("Logged model", f"{reg.model_uri} (not registered: {reg.reason})"))
     for key in ("test/acc", "test/balanced_acc", "test/f1", "test/auroc", "test/loss"):
         if key in result.test_metrics:
-            lines.append(f"  {key + ':':<15} {result.test_metrics[key]:.4f}")
-    lines.append(f"  Artifacts:      {result.artifact_uri}")
-    lines.append(f"  Run folder:     {result.output_dir}")
+            rows.append((key, f"{result.test_metrics[key]:.4f}"))
+    rows.append(("Artifacts", result.artifact_uri))
+    rows.append(("Run folder", str(result.output_dir)))
     if result.best_checkpoint:
-        lines.append(f"  Best checkpoint: {result.best_checkpoint}")
+        rows.append(("Best checkpoint", result.best_checkpoint))
+    width = max(len(label) for label, _ in rows) + 2
+    lines = ["Training finished."]
+    lines.extend(f"  {label + ':':<{width}}{value}" for label, value in rows)
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -118,4 +119,23 @@ def test_cli_invalid_splits_exit_with_message(tmp_path):
     assert result.returncode == 2
     output = result.stdout + result.stderr
     assert "data.splits=[0.5, 0.2, 0.2]" in output
+    assert "Traceback" not in output
+
+
+def test_cli_failed_download_exits_with_message(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    result = _run_train_cli(
+        f"data.root={tmp_path / 'images'}",
+        "data.download=true",
+        f"data.download_url=http://127.0.0.1:{closed_port}/dataset.zip",
+        f"data.download_dir={tmp_path / 'downloads'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert result.returncode == 2
+    output = result.stdout + result.stderr
+    assert f"127.0.0.1:{closed_port}" in output
+    assert "--from PATH" in output
     assert "Traceback" not in output

@@ -75,6 +75,8 @@ class FaceMaskDataModule(L.LightningDataModule):
         cache_dir: Folder for the scan cache; None disables caching.
         pin_memory: Pin batches in page-locked memory (useful on GPUs).
         download: Fetch the public dataset into `root` when it contains no images.
+        download_url: Archive to fetch instead of the public dataset's; None uses the default.
+        download_dir: Folder that keeps downloaded archives; None uses `data/downloads`.
     """
 
     def __init__(
@@ -90,6 +92,8 @@ class FaceMaskDataModule(L.LightningDataModule):
         cache_dir: str | Path | None = None,
         pin_memory: bool = False,
         download: bool = False,
+        download_url: str | None = None,
+        download_dir: str | Path | None = None,
     ):
         super().__init__()
         self.root = Path(root).expanduser().resolve()
@@ -102,15 +106,19 @@ class FaceMaskDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.pin_memory = pin_memory
         self.download = download
+        self.download_url = download_url
+        self.download_dir = Path(download_dir) if download_dir else None
         self.scan: ScanResult | None = None
         self.manifest: pd.DataFrame | None = None
         self.datasets: dict[str, ImageFolderDataset] = {}
 
     def prepare_data(self) -> None:
         if self.download:
-            from facemask.data.download import ensure_dataset
+            from facemask.data.download import DEFAULT_URL, ensure_dataset
 
-            ensure_dataset(self.root)
+            ensure_dataset(
+                self.root, url=self.download_url or DEFAULT_URL, cache_dir=self.download_dir
+            )
 
     def setup(self, stage: str | None = None) -> None:
         if self.manifest is not None:
