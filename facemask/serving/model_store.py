@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 import mlflow
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.models import get_model_info
+from mlflow.models import Model, get_model_info
 from mlflow.tracking import MlflowClient
 
 from facemask.data.transforms import Preprocessing
@@ -22,6 +23,9 @@ log = logging.getLogger(__name__)
 
 # Keys of the /predict response next to the class probabilities; a class may not use them.
 RESERVED_RESPONSE_KEYS = frozenset({"label", "model_version", "request_id", "filename", "error"})
+
+# Written by `facemask export` next to MLmodel: registry name, version, alias, test metrics.
+EXPORT_INFO_FILE = "facemask_export.json"
 
 _REGISTERED_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
 
@@ -70,7 +74,8 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
 
 
-def _check_sqlite_store(tracking_uri: str) -> None:
+def check_sqlite_store(tracking_uri: str) -> None:
+    """Raise ModelLoadError when `tracking_uri` names a SQLite file that does not exist."""
     # MLflow creates a missing SQLite file, which would hide a wrong path behind "model not found".
     if not tracking_uri.startswith("sqlite:///"):
         return
@@ -79,10 +84,13 @@ def _check_sqlite_store(tracking_uri: str) -> None:
         raise ModelLoadError(f"the MLflow database {path} does not exist")
 
 
-def _resolve_registered(
+def resolve_registered(
     client: MlflowClient, uri: str
 ) -> tuple[str | None, str | None, str | None, str]:
-    """Return (name, version, alias, version-pinned URI) for a `models:/NAME@ALIAS|VERSION` URI."""
+    """Return (name, version, alias, version-pinned URI) for a `models:/NAME@ALIAS|VERSION` URI.
+
+    Any other URI comes back unchanged, with None for the name, version and alias.
+    """
     match = _REGISTERED_URI.match(uri)
     if match is None:
         return None, None, None, uri
@@ -96,7 +104,8 @@ def _resolve_registered(
     return name, version, alias, f"models:/{name}/{version}"
 
 
-def _test_metrics(client: MlflowClient, run_id: str | None) -> dict[str, float]:
+def run_test_metrics(client: MlflowClient, run_id: str | None) -> dict[str, float]:
+    """Return the `test/*` metrics of run `run_id`, or {} when it is unknown or unreadable."""
     if not run_id:
         return {}
     try:
@@ -143,14 +152,39 @@ def _set_eval_mode(model: torch.nn.Module) -> None:
         model.eval()
 
 
+def local_model_dir(uri: str) -> Path | None:
+    """Return the folder that `uri` names when it is a local path or `file://` URI, else None."""
+    parts = urlsplit(uri)
+    if parts.scheme == "file":
+        return Path(parts.path)
+    if parts.scheme and len(parts.scheme) > 1:
+        # Keep one-letter schemes out of this branch: they are Windows drive letters.
+        return None
+    return Path(uri).expanduser()
+
+
 def load_model_bundle(uri: str, tracking_uri: str) -> ModelBundle:
     """Load the model at `uri` with its class names, preprocessing, version and test metrics.
+
+    A local folder (a path or `file://` URI), such as one written by `facemask export`, is
+    loaded without contacting `tracking_uri`. Its registry name, version and test metrics come
+    from `facemask_export.json` in the folder when that file exists.
 
     Raises:
         ModelLoadError: The store, the registered model, the alias or version, the model files
             or their metadata are missing or invalid. The message is one line that names the
             URI, the tracking URI and how to fix it.
     """
+    folder = local_model_dir(uri)
+    if folder is not None:
+        try:
+            return _load_folder(uri, folder)
+        except (ModelLoadError, MlflowException, OSError, ValueError) as exc:
+            raise ModelLoadError(
+                f"Cannot load the model folder {str(folder)!r}: {_one_line(exc)}. Write one with "
+                "`facemask export models:/NAME@ALIAS --out DIR`, or serve a registered model "
+                "with model.alias=NAME or model.uri=models:/NAME@ALIAS"
+            ) from exc
     try:
         return _load(uri, tracking_uri)
     except (ModelLoadError, MlflowException, OSError) as exc:
@@ -162,16 +196,13 @@ def load_model_bundle(uri: str, tracking_uri: str) -> ModelBundle:
         ) from exc
 
 
-def _load(uri: str, tracking_uri: str) -> ModelBundle:
-    _check_sqlite_store(tracking_uri)
-    mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri)
-    name, version, alias, pinned_uri = _resolve_registered(client, uri)
-    info = get_model_info(pinned_uri)
-    class_names, preprocessing = _metadata(info.metadata)
-
+def _load_model(
+    model_uri: str, metadata: dict[str, Any] | None
+) -> tuple[torch.nn.Module, list[str], Preprocessing]:
+    """Load and warm up the model at `model_uri`; return it with its classes and preprocessing."""
+    class_names, preprocessing = _metadata(metadata)
     try:
-        model = mlflow.pytorch.load_model(pinned_uri)
+        model = mlflow.pytorch.load_model(model_uri)
     except (RuntimeError, ValueError, TypeError) as exc:
         raise ModelLoadError(f"the model files could not be loaded: {_one_line(exc)}") from exc
     _set_eval_mode(model)
@@ -180,7 +211,40 @@ def _load(uri: str, tracking_uri: str) -> ModelBundle:
     except (RuntimeError, AssertionError) as exc:
         # torch.export programs raise AssertionError when an input breaks a shape guard.
         raise ModelLoadError(f"the model failed on a zero batch: {_one_line(exc)}") from exc
+    return model, class_names, preprocessing
 
+
+def _load_folder(uri: str, folder: Path) -> ModelBundle:
+    if not (folder / "MLmodel").is_file():
+        raise ModelLoadError(f"{folder / 'MLmodel'} does not exist")
+    # Model.load reads MLmodel only. get_model_info would also query the tracking store for the
+    # logged model, which creates ./mlflow.db when no tracking URI is set (MLflow 3).
+    info = Model.load(str(folder / "MLmodel"))
+    model, class_names, preprocessing = _load_model(str(folder), info.metadata)
+    export_file = folder / EXPORT_INFO_FILE
+    exported = json.loads(export_file.read_text()) if export_file.is_file() else {}
+    bundle = ModelBundle(
+        model=model,
+        class_names=class_names,
+        preprocessing=preprocessing,
+        name=exported.get("name"),
+        version=exported.get("version"),
+        alias=exported.get("alias"),
+        run_id=info.run_id,
+        uri=uri,
+        test_metrics={str(k): float(v) for k, v in exported.get("test_metrics", {}).items()},
+    )
+    _log_loaded(bundle)
+    return bundle
+
+
+def _load(uri: str, tracking_uri: str) -> ModelBundle:
+    check_sqlite_store(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    name, version, alias, pinned_uri = resolve_registered(client, uri)
+    info = get_model_info(pinned_uri)
+    model, class_names, preprocessing = _load_model(pinned_uri, info.metadata)
     bundle = ModelBundle(
         model=model,
         class_names=class_names,
@@ -190,15 +254,19 @@ def _load(uri: str, tracking_uri: str) -> ModelBundle:
         alias=alias,
         run_id=info.run_id,
         uri=uri,
-        test_metrics=_test_metrics(client, info.run_id),
+        test_metrics=run_test_metrics(client, info.run_id),
     )
+    _log_loaded(bundle)
+    return bundle
+
+
+def _log_loaded(bundle: ModelBundle) -> None:
     log.info(
         "Loaded model %s (name %s, version %s, run %s, classes %s, input %d px)",
-        uri,
-        name,
-        version,
-        info.run_id,
-        class_names,
-        preprocessing.image_size,
+        bundle.uri,
+        bundle.name,
+        bundle.version,
+        bundle.run_id,
+        bundle.class_names,
+        bundle.preprocessing.image_size,
     )
-    return bundle
