@@ -92,29 +92,12 @@ class TrainedModel:
 def trained_model(tmp_path_factory, real_data_root: Path) -> TrainedModel:
     """Train one epoch at 64 pixels on 24 photos per class and register the model (about 15 s)."""
     from facemask.training import train
-    from tests.helpers import compose_train_config, copy_real_subset
+    from tests.helpers import compose_train_config, copy_real_subset, small_training_overrides
 
     data_root = copy_real_subset(real_data_root, tmp_path_factory.mktemp("model-data"), 24)
     store = tmp_path_factory.mktemp("model-store")
     tracking_uri = f"sqlite:///{store / 'mlflow.db'}"
-    cfg = compose_train_config(
-        [
-            f"data.root={data_root}",
-            "data.image_size=64",
-            "data.batch_size=8",
-            "data.num_workers=0",
-            f"data.cache_dir={store / 'cache'}",
-            "model.pretrained=false",
-            "model.optimizer.lr=1e-3",
-            "trainer.max_epochs=1",
-            "trainer.accelerator=cpu",
-            "trainer.enable_progress_bar=false",
-            "~callbacks.progress_bar",
-            f"mlflow.tracking_uri={tracking_uri}",
-            f"mlflow.artifact_location={store / 'artifacts'}",
-            f"paths.output_dir={store / 'run'}",
-        ]
-    )
+    cfg = compose_train_config(small_training_overrides(data_root, store, store / "run"))
     result = train(cfg)
     return TrainedModel(
         tracking_uri=tracking_uri,

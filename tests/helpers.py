@@ -31,3 +31,26 @@ def copy_real_subset(real_data_root: Path, target: Path, per_class: int) -> Path
         for path in chosen:
             shutil.copy2(path, target / label / path.name)
     return target
+
+
+def small_training_overrides(
+    data_root: Path, store: Path, output_dir: Path, *extra: str
+) -> list[str]:
+    """Return overrides for a one-epoch, 64-pixel CPU training with its own MLflow store."""
+    return [
+        f"data.root={data_root}",
+        "data.image_size=64",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        f"data.cache_dir={store / 'cache'}",
+        "model.pretrained=false",
+        "model.optimizer.lr=1e-3",
+        "trainer.max_epochs=1",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "~callbacks.progress_bar",
+        f"mlflow.tracking_uri=sqlite:///{store / 'mlflow.db'}",
+        f"mlflow.artifact_location={store / 'artifacts'}",
+        f"paths.output_dir={output_dir}",
+        *extra,
+    ]

@@ -14,7 +14,7 @@ from facemask.export import main as export_main
 from facemask.serving.model_store import ModelLoadError, load_model_bundle
 from facemask.settings import project_root
 from tests.conftest import TrainedModel
-from tests.test_serve_cli import PHOTO, SERVE_SCRIPT, Server, _free_port, _wait_ready
+from tests.test_serve_cli import PHOTO, Server, _free_port, run_server
 
 SCRIPTS = project_root() / "scripts"
 # A tracking URI that cannot be opened: loading an exported folder must not need one.
@@ -103,27 +103,8 @@ def test_folder_without_mlmodel_is_rejected(tmp_path: Path):
 def folder_server(exported: Path, tmp_path_factory) -> Iterator[Server]:
     """Serve the exported folder with an unusable tracking URI; stop the server after."""
     base = tmp_path_factory.mktemp("folder-server")
-    cwd = base / "cwd"
-    cwd.mkdir()
-    port = _free_port()
-    output = base / "server.out"
-    args = [
-        sys.executable,
-        str(SERVE_SCRIPT),
-        f"model.uri={exported}",
-        f"mlflow.tracking_uri={UNREACHABLE_TRACKING_URI}",
-        f"port={port}",
-        f"prediction_log.path={base / 'logs' / 'predictions.jsonl'}",
-    ]
-    with output.open("w") as out:
-        process = subprocess.Popen(args, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(process, base_url, output)
-        yield Server(process, base_url, base / "logs" / "predictions.jsonl", output, cwd)
-    finally:
-        process.kill()
-        process.wait(timeout=30)
+    with run_server(base, str(exported), UNREACHABLE_TRACKING_URI) as started:
+        yield started
 
 
 def _run_script(name: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -105,10 +106,9 @@ def test_missing_alias_exits_2(trained_model: TrainedModel, tmp_path: Path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.fixture(scope="module")
-def server(trained_model: TrainedModel, tmp_path_factory) -> Iterator[Server]:
-    """Start `python serve.py` on a free port and wait until GET /ready returns 200."""
-    base = tmp_path_factory.mktemp("server")
+@contextlib.contextmanager
+def run_server(base: Path, model_uri: str, tracking_uri: str) -> Iterator[Server]:
+    """Start `python serve.py` on a free port, wait until GET /ready returns 200, kill it after."""
     cwd = base / "cwd"
     cwd.mkdir()
     port = _free_port()
@@ -117,8 +117,8 @@ def server(trained_model: TrainedModel, tmp_path_factory) -> Iterator[Server]:
     args = [
         sys.executable,
         str(SERVE_SCRIPT),
-        f"model.uri={trained_model.alias_uri}",
-        f"mlflow.tracking_uri={trained_model.tracking_uri}",
+        f"model.uri={model_uri}",
+        f"mlflow.tracking_uri={tracking_uri}",
         f"port={port}",
         f"prediction_log.path={prediction_log}",
     ]
@@ -132,6 +132,13 @@ def server(trained_model: TrainedModel, tmp_path_factory) -> Iterator[Server]:
         if process.poll() is None:
             process.kill()
             process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(trained_model: TrainedModel, tmp_path_factory) -> Iterator[Server]:
+    base = tmp_path_factory.mktemp("server")
+    with run_server(base, trained_model.alias_uri, trained_model.tracking_uri) as started:
+        yield started
 
 
 def _wait_ready(process: subprocess.Popen, base_url: str, output: Path) -> None:

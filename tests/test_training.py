@@ -18,7 +18,7 @@ from facemask.data.transforms import Preprocessing, preprocess_file
 from facemask.models.classifier import FaceMaskClassifier
 from facemask.settings import project_root
 from facemask.training import train
-from tests.helpers import compose_train_config, copy_real_subset
+from tests.helpers import compose_train_config, copy_real_subset, small_training_overrides
 
 IMAGES_PER_CLASS = 24
 
@@ -26,26 +26,6 @@ IMAGES_PER_CLASS = 24
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory, real_data_root: Path) -> Path:
     return copy_real_subset(real_data_root, tmp_path_factory.mktemp("small-data"), IMAGES_PER_CLASS)
-
-
-def _overrides(data_root: Path, store: Path, output_dir: Path, *extra: str) -> list[str]:
-    return [
-        f"data.root={data_root}",
-        "data.image_size=64",
-        "data.batch_size=8",
-        "data.num_workers=0",
-        f"data.cache_dir={store / 'cache'}",
-        "model.pretrained=false",
-        "model.optimizer.lr=1e-3",
-        "trainer.max_epochs=1",
-        "trainer.accelerator=cpu",
-        "trainer.enable_progress_bar=false",
-        "~callbacks.progress_bar",
-        f"mlflow.tracking_uri=sqlite:///{store / 'mlflow.db'}",
-        f"mlflow.artifact_location={store / 'artifacts'}",
-        f"paths.output_dir={output_dir}",
-        *extra,
-    ]
 
 
 def _runs(store: Path) -> list:
@@ -60,7 +40,7 @@ def _runs(store: Path) -> list:
 def trained(small_dataset: Path, tmp_path_factory):
     store = tmp_path_factory.mktemp("mlruns")
     output_dir = tmp_path_factory.mktemp("run")
-    cfg = compose_train_config(_overrides(small_dataset, store, output_dir))
+    cfg = compose_train_config(small_training_overrides(small_dataset, store, output_dir))
     result = train(cfg)
     return result, store, small_dataset
 
@@ -136,7 +116,7 @@ def test_second_run_moves_alias_only_if_better(trained, tmp_path):
     first_acc = client.get_run(result.run_id).data.metrics["test/acc"]
     # Comparing with "greater is worse" flips the decision the real metric would give.
     cfg = compose_train_config(
-        _overrides(
+        small_training_overrides(
             data_root, store, tmp_path, "registry.greater_is_better=false", "trainer.max_epochs=1"
         )
     )
@@ -153,7 +133,7 @@ def test_second_run_moves_alias_only_if_better(trained, tmp_path):
 def test_failed_training_registers_nothing(small_dataset, tmp_path):
     store = tmp_path / "store"
     cfg = compose_train_config(
-        _overrides(small_dataset, store, tmp_path / "run", "model.optimizer.lr=-1")
+        small_training_overrides(small_dataset, store, tmp_path / "run", "model.optimizer.lr=-1")
     )
     with pytest.raises(ValueError, match="learning rate"):
         train(cfg)
@@ -166,7 +146,9 @@ def test_failed_training_registers_nothing(small_dataset, tmp_path):
 def test_interrupted_training_is_killed_then_resumes(small_dataset, tmp_path, monkeypatch):
     store = tmp_path / "store"
     first_dir = tmp_path / "first"
-    cfg = compose_train_config(_overrides(small_dataset, store, first_dir, "trainer.max_epochs=2"))
+    cfg = compose_train_config(
+        small_training_overrides(small_dataset, store, first_dir, "trainer.max_epochs=2")
+    )
     original_step = FaceMaskClassifier.training_step
 
     def interrupt_in_second_epoch(self, batch, batch_idx):
@@ -186,7 +168,7 @@ def test_interrupted_training_is_killed_then_resumes(small_dataset, tmp_path, mo
     last = first_dir / "checkpoints" / "last.ckpt"
     assert last.is_file()
     resume_cfg = compose_train_config(
-        _overrides(
+        small_training_overrides(
             small_dataset, store, tmp_path / "second", "trainer.max_epochs=2", f"ckpt_path={last}"
         )
     )
@@ -198,7 +180,9 @@ def test_interrupted_training_is_killed_then_resumes(small_dataset, tmp_path, mo
 
 def test_missing_data_stops_before_any_run(tmp_path):
     store = tmp_path / "store"
-    cfg = compose_train_config(_overrides(tmp_path / "nowhere", store, tmp_path / "run"))
+    cfg = compose_train_config(
+        small_training_overrides(tmp_path / "nowhere", store, tmp_path / "run")
+    )
     with pytest.raises(DatasetError, match="nowhere"):
         train(cfg)
     assert _runs(store) == []
@@ -207,7 +191,7 @@ def test_missing_data_stops_before_any_run(tmp_path):
 def test_sigterm_marks_run_killed(small_dataset, tmp_path):
     store = tmp_path / "store"
     output_dir = tmp_path / "run"
-    overrides = _overrides(small_dataset, store, output_dir, "trainer.max_epochs=200")
+    overrides = small_training_overrides(small_dataset, store, output_dir, "trainer.max_epochs=200")
     command = [sys.executable, str(project_root() / "train.py"), *overrides]
     command.append(f"hydra.run.dir={output_dir}")
     log_path = tmp_path / "train.log"
