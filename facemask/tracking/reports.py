@@ -15,13 +15,18 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay, classification_report  # noqa: E402
 
 
-def plot_confusion_matrix(confusion: np.ndarray, class_names: Sequence[str], path: Path) -> Path:
+def plot_confusion_matrix(
+    confusion: np.ndarray,
+    class_names: Sequence[str],
+    path: Path,
+    title: str = "Test confusion matrix",
+) -> Path:
     """Write the confusion matrix (rows: true class, columns: predicted class) as a PNG."""
     fig, ax = plt.subplots(figsize=(4 + len(class_names), 3.5 + len(class_names)))
     ConfusionMatrixDisplay(confusion, display_labels=list(class_names)).plot(
         ax=ax, cmap="Blues", colorbar=False, values_format="d"
     )
-    ax.set_title("Test confusion matrix")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -29,7 +34,11 @@ def plot_confusion_matrix(confusion: np.ndarray, class_names: Sequence[str], pat
 
 
 def plot_roc_curves(
-    targets: np.ndarray, probs: np.ndarray, class_names: Sequence[str], path: Path
+    targets: np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    path: Path,
+    title: str = "Test ROC, one class against the rest",
 ) -> Path:
     """Write one-vs-rest ROC curves, one per class, as a PNG."""
     fig, ax = plt.subplots(figsize=(5.5, 5))
@@ -39,7 +48,7 @@ def plot_roc_curves(
             continue  # ROC is undefined without both positives and negatives.
         RocCurveDisplay.from_predictions(positives, probs[:, index], name=name, ax=ax)
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
-    ax.set_title("Test ROC, one class against the rest")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
