@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from facemask.compare import add_compare_arguments, run_compare
 from facemask.export import LOG_FORMAT, add_export_arguments, run_export
 from facemask.settings import configure_environment
 
@@ -20,7 +21,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_export_arguments(export)
     export.set_defaults(handler=run_export)
+    compare = commands.add_parser(
+        "compare",
+        help="print a table of an experiment's MLflow runs, best first; write CSV or Markdown",
+        description="List the runs of an MLflow experiment with key params and test metrics.",
+    )
+    add_compare_arguments(compare)
+    compare.set_defaults(handler=run_compare)
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="evaluate a registered or exported model on a folder of images laid out by class",
+        description="Evaluate a model on a class-folder dataset; arguments are Hydra overrides "
+        "of conf/evaluate.yaml, e.g. model.uri=models:/NAME@ALIAS data.root=FOLDER.",
+    )
+    evaluate.add_argument("overrides", nargs=argparse.REMAINDER, help="KEY=VALUE overrides")
+    evaluate.set_defaults(handler=_run_evaluate)
     return parser
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    # Imported here because torch and MLflow slow down every other subcommand.
+    from facemask.evaluation import run
+
+    return run(args.overrides)
 
 
 def main(argv: list[str] | None = None) -> int:

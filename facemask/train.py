@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from facemask.settings import configure_environment, project_root
 
@@ -11,6 +12,9 @@ configure_environment()
 import hydra  # noqa: E402
 from hydra.errors import InstantiationException  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
+
+if TYPE_CHECKING:
+    from facemask.training import TrainingResult
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +32,14 @@ def _route_lightning_logs_to_root() -> None:
 CONFIG_DIR = str(project_root() / "conf")
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """Train, test, log and register a model; returns the best validation score for sweepers."""
+def _train_or_exit(cfg: DictConfig) -> TrainingResult:
+    """Run `train`, turning data, download and model errors into a message and exit code 2."""
     from facemask.data.download import DownloadError
     from facemask.data.importer import DatasetImportError
     from facemask.data.scan import DatasetError
     from facemask.models.backbone import BackboneError, PretrainedWeightsError
-    from facemask.training import format_summary, train
+    from facemask.training import train
 
-    _route_lightning_logs_to_root()
     user_errors = (
         DatasetError,
         DatasetImportError,
@@ -46,7 +48,7 @@ def main(cfg: DictConfig) -> float | None:
         PretrainedWeightsError,
     )
     try:
-        result = train(cfg)
+        return train(cfg)
     except (*user_errors, InstantiationException) as exc:
         # Hydra wraps errors raised while building objects from `_target_` configs.
         cause = exc.__cause__ if isinstance(exc, InstantiationException) else exc
@@ -59,6 +61,33 @@ def main(cfg: DictConfig) -> float | None:
                 "a zip or folder with `python scripts/download_data.py --from PATH`."
             )
         raise SystemExit(2) from exc
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Train, test, log and register a model; returns the best validation score for sweepers.
+
+    In a multirun sweep a failed job is logged and returns None, so the next jobs still run.
+    Ctrl+C and SIGTERM stop the whole sweep.
+    """
+    from facemask.tracking.sweep import current_sweep_job
+    from facemask.training import format_summary
+
+    _route_lightning_logs_to_root()
+    job = current_sweep_job()
+    try:
+        result = _train_or_exit(cfg)
+    except Exception:
+        if job is None:
+            raise
+        log.exception("Sweep job %d failed (overrides: %s)", job.job_num, " ".join(job.overrides))
+        return None
+    except SystemExit as exc:
+        # Exit code 2 is a data or configuration error that `_train_or_exit` has logged.
+        if job is None or exc.code != 2:
+            raise
+        log.error("Sweep job %d failed (overrides: %s)", job.job_num, " ".join(job.overrides))
+        return None
     print(format_summary(result), flush=True)
     return result.val_score
 

@@ -24,6 +24,7 @@ from facemask.models.classifier import FaceMaskClassifier
 from facemask.monitoring.reference import build_reference, log_reference
 from facemask.tracking.artifacts import log_run_inputs, log_test_reports
 from facemask.tracking.registry import RegistrationResult, log_model, register_and_promote
+from facemask.tracking.sweep import tag_sweep_run
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ def train(cfg: DictConfig) -> TrainingResult:
     client: MlflowClient = logger.experiment
     run_id = logger.run_id
     (output_dir / RUN_ID_FILE).write_text(run_id)
+    tag_sweep_run(client, run_id, cfg.model.name)
     log.info(
         "MLflow run %s in experiment %r (%s)",
         run_id,
