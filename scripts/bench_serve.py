@@ -101,42 +101,56 @@ def describe(values: list[float]) -> str:
     )
 
 
+def serve_command(args: argparse.Namespace, port: int, log_path: Path) -> list[str]:
+    """Return the `serve.py` command line for the benchmark's server."""
+    command = [
+        sys.executable,
+        str(ROOT / "serve.py"),
+        f"port={port}",
+        f"prediction_log.path={log_path}",
+        "log_level=warning",
+    ]
+    if args.model_uri:
+        command.append(f"model.uri={args.model_uri}")
+    if args.tracking_uri:
+        command.append(f"mlflow.tracking_uri={args.tracking_uri}")
+    command.extend(args.serve_overrides)
+    return command
+
+
+def time_requests(base_url: str, payload: bytes, args: argparse.Namespace) -> list[float]:
+    """Send the warm-up requests, then return the measured latencies in milliseconds."""
+    timings = []
+    files = {"file": ("photo.jpg", payload, "image/jpeg")}
+    with httpx.Client(base_url=base_url, timeout=args.timeout) as client:
+        for _ in range(args.warmup):
+            client.post("/predict", files=files).raise_for_status()
+        for _ in range(args.requests):
+            start = time.perf_counter()
+            client.post("/predict", files=files).raise_for_status()
+            timings.append((time.perf_counter() - start) * 1000)
+    return timings
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     payload = jpeg_bytes(args.image, args.size)
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
+
     with tempfile.TemporaryDirectory() as scratch:
         log_path = Path(scratch) / "predictions.jsonl"
-        command = [
-            sys.executable,
-            str(ROOT / "serve.py"),
-            f"port={port}",
-            f"prediction_log.path={log_path}",
-            "log_level=warning",
-        ]
-        if args.model_uri:
-            command.append(f"model.uri={args.model_uri}")
-        if args.tracking_uri:
-            command.append(f"mlflow.tracking_uri={args.tracking_uri}")
-        command.extend(args.serve_overrides)
+        command = serve_command(args, port, log_path)
         server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             ready_s = wait_ready(base_url, server, args.timeout)
-            timings = []
-            files = {"file": ("photo.jpg", payload, "image/jpeg")}
-            with httpx.Client(base_url=base_url, timeout=args.timeout) as client:
-                for _ in range(args.warmup):
-                    client.post("/predict", files=files).raise_for_status()
-                for _ in range(args.requests):
-                    start = time.perf_counter()
-                    client.post("/predict", files=files).raise_for_status()
-                    timings.append((time.perf_counter() - start) * 1000)
+            timings = time_requests(base_url, payload, args)
             lines = log_path.read_text().splitlines()[args.warmup :]
             server_side = [json.loads(line)["latency_ms"] for line in lines]
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=60)
+
     print(f"host: {cpu_model()}, {os.cpu_count()} CPUs")
     print(f"input: {len(payload)} byte {args.size}x{args.size} JPEG from {args.image.name}")
     print(f"start to /ready: {ready_s:.1f} s")

@@ -66,7 +66,7 @@ def download_archive(
     """Download `url` to `dest`, resuming a partial download left by an earlier attempt.
 
     The data goes to `dest` + `.part`, which is renamed to `dest` only once complete. When a
-    `.part` file exists, the request asks for the remaining bytes with an HTTP `Range` header.
+    `.part` file exists, the request sends an HTTP `Range` header for the remaining bytes.
     If the server responds with the whole file (status 200), the download restarts from zero.
 
     Args:
