@@ -24,6 +24,7 @@ from facemask.data.images import InvalidImageError, decode_image  # noqa: E402
 from facemask.tracking.reports import (  # noqa: E402
     plot_confusion_matrix,
     plot_roc_curves,
+    save_figure,
     write_classification_report,
 )
 
@@ -81,10 +82,7 @@ def plot_most_wrong(
             f"({probs[predicted]:.2f})",
             fontsize=8,
         )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def write_predictions_csv(predictions: Predictions, class_names: list[str], path: Path) -> Path:

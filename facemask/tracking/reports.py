@@ -15,6 +15,14 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay, classification_report  # noqa: E402
 
 
+def save_figure(fig: plt.Figure, path: Path, dpi: int = 120) -> Path:
+    """Write `fig` as a PNG at `path`, release its memory, and return `path`."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_confusion_matrix(
     confusion: np.ndarray,
     class_names: Sequence[str],
@@ -27,10 +35,7 @@ def plot_confusion_matrix(
         ax=ax, cmap="Blues", colorbar=False, values_format="d"
     )
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_roc_curves(
@@ -49,10 +54,7 @@ def plot_roc_curves(
         RocCurveDisplay.from_predictions(positives, probs[:, index], name=name, ax=ax)
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_classification_report(
