@@ -84,12 +84,33 @@ class Augmentation:
         rotate: Maximum rotation in degrees, applied with probability 0.3.
         color_jitter: Brightness, contrast and saturation change (fraction), applied with
             probability 0.5; hue changes by a tenth of it.
+        strength: One factor on the crop, rotation and colour changes, for searches that tune
+            all of them at once: 0 turns them off, 1 keeps the values above, 2 doubles them.
+            The crop never keeps less than 8% of the area. Flips are not scaled.
     """
 
     scale_min: float = 0.6
     hflip: float = 0.5
     rotate: float = 15.0
     color_jitter: float = 0.2
+    strength: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.strength <= 4.0:
+            raise ValueError(f"augment.strength must be between 0 and 4, got {self.strength}")
+        if not 0.0 < self.scale_min <= 1.0:
+            raise ValueError(f"augment.scale_min must be in (0, 1], got {self.scale_min}")
+
+    def scaled(self) -> Augmentation:
+        """Return the augmentation with `strength` applied and set back to 1."""
+        if self.strength == 1.0:
+            return self
+        return Augmentation(
+            scale_min=max(0.08, 1.0 - (1.0 - self.scale_min) * self.strength),
+            hflip=self.hflip,
+            rotate=self.rotate * self.strength,
+            color_jitter=self.color_jitter * self.strength,
+        )
 
 
 def _normalise_and_tensor(pre: Preprocessing) -> list[A.BasicTransform]:
@@ -109,6 +130,7 @@ def build_eval_transform(pre: Preprocessing) -> A.Compose:
 def build_train_transform(pre: Preprocessing, aug: Augmentation) -> A.Compose:
     """Build the training transform: random crop, flip, rotation and colour changes."""
     size = pre.image_size
+    aug = aug.scaled()
     steps: list[A.BasicTransform] = []
     if aug.scale_min < 1.0:
         steps.append(
