@@ -59,6 +59,6 @@ def test_strong_augmentation_still_yields_model_input(photo):
 
 
 @pytest.mark.parametrize("strength", [-0.1, 4.5])
-def test_strength_out_of_range_is_refused(strength):
+def test_strength_out_of_range_raises(strength):
     with pytest.raises(ValueError, match="augment.strength"):
         Augmentation(strength=strength)
