@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -54,3 +57,18 @@ def small_training_overrides(
         f"paths.output_dir={output_dir}",
         *extra,
     ]
+
+
+def run_train_cli(
+    args: Sequence[str], cwd: Path, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run `python train.py ARGS` in a subprocess from `cwd`; the output is captured as text."""
+    return subprocess.run(
+        [sys.executable, str(project_root() / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
+        check=False,
+    )

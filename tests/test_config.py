@@ -16,7 +16,17 @@ from tests.helpers import CONFIG_DIR, compose_train_config
 
 GROUP_OPTIONS = [
     (group, path.stem)
-    for group in ("data", "model", "trainer", "callbacks", "logger", "paths", "experiment", "debug")
+    for group in (
+        "data",
+        "model",
+        "trainer",
+        "callbacks",
+        "logger",
+        "paths",
+        "experiment",
+        "debug",
+        "hparams_search",
+    )
     for path in sorted((CONFIG_DIR / group).glob("*.yaml"))
 ]
 

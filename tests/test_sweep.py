@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 from mlflow.tracking import MlflowClient
 
-from facemask.settings import project_root
 from facemask.tracking.sweep import SWEEP_ID_TAG, SWEEP_JOB_TAG, SweepJob, sweep_run_name
-from tests.helpers import copy_real_subset, small_training_overrides
+from tests.helpers import copy_real_subset, run_train_cli, small_training_overrides
 
 
 def test_sweep_run_name_shortens_overrides():
@@ -52,24 +47,14 @@ def test_multirun_continues_after_failed_job(tmp_path, real_data_root):
         for override in small_training_overrides(data_root, store, tmp_path / "unused")
         if not override.startswith(("paths.output_dir=", "model.optimizer.lr="))
     ]
-    command = [
-        sys.executable,
-        str(project_root() / "train.py"),
+    args = [
         "-m",
         *overrides,
         # Adam rejects a negative learning rate once training starts, after the run exists.
         "model.optimizer.lr=-1,1e-3",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     ]
-    result = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=tmp_path,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
-        check=False,
-    )
+    result = run_train_cli(args, cwd=tmp_path, timeout=180)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "Sweep job 0 failed (overrides:" in output

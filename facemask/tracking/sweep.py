@@ -23,7 +23,15 @@ SWEEP_OVERRIDES_TAG = "sweep.overrides"
 
 # Run names leave out overrides with these key prefixes because they are paths or the same in
 # every job. The `sweep.overrides` tag keeps all overrides.
-_NAME_SKIPPED_PREFIXES = ("model=", "mlflow.", "paths.", "hydra.", "data.root=", "data.cache_dir=")
+_NAME_SKIPPED_PREFIXES = (
+    "model=",
+    "mlflow.",
+    "paths.",
+    "hydra.",
+    "hparams_search=",
+    "data.root=",
+    "data.cache_dir=",
+)
 _MAX_NAME_OVERRIDES_CHARS = 60
 
 
@@ -53,13 +61,18 @@ def current_sweep_job() -> SweepJob | None:
         sweep_dir=str(sweep_dir),
         job_num=int(hydra_cfg.job.num),
         overrides=list(hydra_cfg.overrides.task),
-        swept_keys=_read_swept_keys(sweep_dir),
+        swept_keys=_read_swept_keys(sweep_dir) | _search_space_keys(hydra_cfg.sweeper),
     )
 
 
 def _read_swept_keys(sweep_dir: Path) -> frozenset[str]:
-    """Return the swept keys in `multirun.yaml`, which Hydra's basic sweeper writes first."""
+    """Return the swept keys in `multirun.yaml`, which Hydra's basic sweeper writes first.
+
+    Other sweepers (Optuna) write no such file, so an empty set comes back without a warning.
+    """
     path = sweep_dir / "multirun.yaml"
+    if not path.exists():
+        return frozenset()
     try:
         task_overrides = list(OmegaConf.load(path).hydra.overrides.task)
         parsed = OverridesParser.create().parse_overrides(task_overrides)
@@ -69,6 +82,23 @@ def _read_swept_keys(sweep_dir: Path) -> frozenset[str]:
         )
         return frozenset()
     return frozenset(override.key_or_group for override in parsed if override.is_sweep_override())
+
+
+def _search_space_keys(sweeper_cfg) -> frozenset[str]:
+    """Return the keys of an Optuna search space (`hydra.sweeper.params`), else an empty set."""
+    search_space = sweeper_cfg.get("params") if sweeper_cfg is not None else None
+    return frozenset(str(key) for key in (search_space or {}))
+
+
+def _short_value(value: str) -> str:
+    """Return a float with 3 significant digits, so sampled values stay short in run names."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    if number.is_integer() or value.lower() in ("nan", "inf", "-inf"):
+        return value
+    return f"{number:.3g}"
 
 
 def sweep_run_name(model_name: str, job: SweepJob) -> str:
@@ -85,7 +115,7 @@ def sweep_run_name(model_name: str, job: SweepJob) -> str:
         if job.swept_keys and override.partition("=")[0] not in job.swept_keys:
             continue
         key, _, value = override.partition("=")
-        parts.append(f"{key.rsplit('.', 1)[-1]}={value}" if value else key)
+        parts.append(f"{key.rsplit('.', 1)[-1]}={_short_value(value)}" if value else key)
     short = ",".join(parts)
     if len(short) > _MAX_NAME_OVERRIDES_CHARS:
         short = short[: _MAX_NAME_OVERRIDES_CHARS - 3] + "..."
