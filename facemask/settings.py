@@ -25,7 +25,13 @@ def project_root() -> Path:
 
 
 def configure_environment() -> None:
-    """Set the telemetry opt-outs and `$FACEMASK_ROOT` unless the user has set them."""
+    """Set the telemetry opt-outs and `$FACEMASK_ROOT` unless the user has set them.
+
+    Also registers the OmegaConf resolvers that the Hydra configs use, such as `auto_precision`.
+    """
+    from facemask.hardware import register_config_resolvers
+
     for name, value in TELEMETRY_OPT_OUT.items():
         os.environ.setdefault(name, value)
     os.environ.setdefault(PROJECT_ROOT_ENV, str(project_root()))
+    register_config_resolvers()

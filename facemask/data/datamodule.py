@@ -8,12 +8,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import cv2
 import lightning as L
+import numpy as np
 import pandas as pd
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader, Dataset
 
-from facemask.data.images import decode_image
+from facemask.data.image_cache import FileDecoder, ImageCache
+from facemask.data.loader_settings import (
+    LoaderSettings,
+    local_process_count,
+    resolve_loader_settings,
+)
 from facemask.data.scan import ScanResult, SkippedFile, scan_dataset
 from facemask.data.split import (
     SPLIT_NAMES,
@@ -28,36 +36,69 @@ from facemask.data.transforms import (
     Preprocessing,
     build_eval_transform,
     build_train_transform,
-    image_to_tensor,
 )
 
 log = logging.getLogger(__name__)
 
 
+ImageLoader = ImageCache | FileDecoder
+
+
 class ImageFolderDataset(Dataset):
-    """Images with integer labels, decoded and transformed on access."""
+    """Images with integer labels, loaded through `image_loader` and transformed on access.
+
+    Args:
+        paths: Image files.
+        labels: Class index of each file.
+        sha256s: Hex SHA-256 of each file from the dataset scan, the key of the image cache.
+        transform: An albumentations transform from HWC uint8 pixels to a CHW float tensor.
+        image_loader: An `ImageCache`, or a `FileDecoder` that decodes on every access.
+    """
 
     def __init__(
-        self, paths: Sequence[Path], labels: Sequence[int], transform: Any, draft_size: int | None
+        self,
+        paths: Sequence[Path],
+        labels: Sequence[int],
+        sha256s: Sequence[str],
+        transform: Any,
+        image_loader: ImageLoader,
     ):
-        if len(paths) != len(labels):
-            raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
+        if not len(paths) == len(labels) == len(sha256s):
+            raise ValueError(
+                f"{len(paths)} paths, {len(labels)} labels and {len(sha256s)} hashes. "
+                "Pass one label and one hash per path."
+            )
         self.paths = list(paths)
         self.labels = list(labels)
+        self.sha256s = list(sha256s)
         self.transform = transform
-        self.draft_size = draft_size
+        self.image_loader = image_loader
+        self._prepared_pid: int | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = decode_image(self.paths[index], draft_size=self.draft_size).image
-        return image_to_tensor(image, self.transform), self.labels[index]
+        self._prepare_process()
+        pixels = self.image_loader.load(self.paths[index], self.sha256s[index])
+        return self.transform(image=np.asarray(pixels))["image"], self.labels[index]
 
+    def _prepare_process(self) -> None:
+        """Seed the transform and limit OpenCV's threads once in each process that loads images.
 
-def default_num_workers() -> int:
-    """Return a DataLoader worker count that leaves one core to the training loop."""
-    return max(1, min(8, (os.cpu_count() or 1) - 1))
+        Forked DataLoader workers inherit one albumentations random generator, so without a
+        new seed every worker would draw the same augmentations. torch gives each worker its own
+        initial seed (a base seed drawn from the global generator, plus the worker id), so
+        `seed_everything` makes the augmentations reproducible.
+        """
+        pid = os.getpid()
+        if self._prepared_pid == pid:
+            return
+        self._prepared_pid = pid
+        self.transform.set_random_seed(torch.initial_seed() % 2**32)
+        if torch.utils.data.get_worker_info() is not None:
+            # Workers run in parallel with the training step, which already uses every core.
+            cv2.setNumThreads(1)
 
 
 class FaceMaskDataModule(L.LightningDataModule):
@@ -67,16 +108,21 @@ class FaceMaskDataModule(L.LightningDataModule):
         root: Dataset folder with one sub-folder per class.
         image_size: Side of the square model input in pixels.
         batch_size: Images per batch.
-        num_workers: DataLoader worker processes; None picks one less than the CPU count.
+        num_workers: DataLoader workers per training process; None uses this process's share
+            of the CPUs minus one (see `facemask.data.loader_settings.default_num_workers`).
         splits: Train, validation and test fractions; they must add up to 1.
         seed: Seed of the split and of the shuffling.
         augment: Keyword arguments of `facemask.data.transforms.Augmentation`.
         jpeg_draft: Decode JPEG files at reduced scale (see `Preprocessing.jpeg_draft`).
-        cache_dir: Folder for the scan cache; None disables caching.
-        pin_memory: Pin batches in page-locked memory (useful on GPUs).
+        cache_dir: Folder for the scan cache and the decoded-image cache; None disables both.
+        pin_memory: Pin batches in page-locked memory; None pins when training on CUDA.
         download: Fetch the public dataset into `root` when it contains no images.
         download_url: Archive to fetch instead of the public dataset's; None uses the default.
         download_dir: Folder that keeps downloaded archives; None uses `data/downloads`.
+        image_cache: Keep decoded, downscaled images under `cache_dir/images`, so that each
+            file is decoded once (see `facemask.data.image_cache`).
+        persistent_workers: Keep the workers between epochs; None keeps them when there are any.
+        prefetch_factor: Batches loaded ahead by each worker; None keeps at least 4 in flight.
     """
 
     def __init__(
@@ -90,10 +136,13 @@ class FaceMaskDataModule(L.LightningDataModule):
         augment: dict[str, Any] | None = None,
         jpeg_draft: bool = True,
         cache_dir: str | Path | None = None,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         download: bool = False,
         download_url: str | None = None,
         download_dir: str | Path | None = None,
+        image_cache: bool = True,
+        persistent_workers: bool | None = None,
+        prefetch_factor: int | None = None,
     ):
         super().__init__()
         self.root = Path(root).expanduser().resolve()
@@ -101,9 +150,12 @@ class FaceMaskDataModule(L.LightningDataModule):
         self.preprocessing = Preprocessing(image_size=image_size, jpeg_draft=jpeg_draft)
         self.augmentation = Augmentation(**(augment or {}))
         self.batch_size = batch_size
-        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.num_workers = num_workers
+        self.persistent_workers = persistent_workers
+        self.prefetch_factor = prefetch_factor
         self.seed = seed
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.image_cache = image_cache
         self.pin_memory = pin_memory
         self.download = download
         self.download_url = download_url
@@ -111,6 +163,8 @@ class FaceMaskDataModule(L.LightningDataModule):
         self.scan: ScanResult | None = None
         self.manifest: pd.DataFrame | None = None
         self.datasets: dict[str, ImageFolderDataset] = {}
+        # Invalid DataLoader settings fail here, before a training run starts.
+        self.loader_settings()
 
     def prepare_data(self) -> None:
         if self.download:
@@ -129,17 +183,35 @@ class FaceMaskDataModule(L.LightningDataModule):
         splits = stratified_group_split(records, self.fractions, seed=self.seed)
         self.manifest = build_manifest(self.root, records, splits, groups)
         label_index = {name: i for i, name in enumerate(self.classes)}
-        train_tf = build_train_transform(self.preprocessing, self.augmentation)
-        eval_tf = build_eval_transform(self.preprocessing)
         for split in SPLIT_NAMES:
             rows = self.manifest[self.manifest["split"] == split]
+            kind = "train" if split == "train" else "eval"
             self.datasets[split] = ImageFolderDataset(
                 [self.root / p for p in rows["path"]],
                 [label_index[label] for label in rows["label"]],
-                train_tf if split == "train" else eval_tf,
-                self.preprocessing.draft_size,
+                list(rows["sha256"]),
+                self._transform(kind),
+                self.image_loader(kind),
             )
         log.info("Split of %s (seed %d):\n%s", self.root, self.seed, self.counts.to_string())
+        if self.uses_image_cache:
+            log.info("Decoded images are cached under %s", self.cache_dir / "images")
+
+    @property
+    def uses_image_cache(self) -> bool:
+        """Whether the datasets load through the decoded-image cache."""
+        return self.image_cache and self.cache_dir is not None
+
+    def image_loader(self, kind: str) -> ImageLoader:
+        """Return the image loader of `train` or `eval` datasets."""
+        if self.uses_image_cache:
+            return ImageCache(self.cache_dir, self.preprocessing, kind)
+        return FileDecoder(self.preprocessing)
+
+    def _transform(self, kind: str) -> Any:
+        if kind == "train":
+            return build_train_transform(self.preprocessing, self.augmentation)
+        return build_eval_transform(self.preprocessing)
 
     @property
     def classes(self) -> list[str]:
@@ -171,14 +243,28 @@ class FaceMaskDataModule(L.LightningDataModule):
             raise RuntimeError("call setup() first")
         return self.scan
 
+    def loader_settings(self) -> LoaderSettings:
+        """Resolve the DataLoader settings for the attached Trainer, or for one process without."""
+        trainer = self.trainer
+        return resolve_loader_settings(
+            num_workers=self.num_workers,
+            persistent_workers=self.persistent_workers,
+            prefetch_factor=self.prefetch_factor,
+            pin_memory=self.pin_memory,
+            local_processes=local_process_count(trainer.num_devices if trainer else None),
+            on_cuda=trainer is not None and isinstance(trainer.accelerator, CUDAAccelerator),
+        )
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        settings = self.loader_settings()
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size,
             shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=self.pin_memory,
+            num_workers=settings.num_workers,
+            persistent_workers=settings.persistent_workers,
+            prefetch_factor=settings.prefetch_factor,
+            pin_memory=settings.pin_memory,
             drop_last=False,
         )
 

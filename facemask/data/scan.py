@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from facemask.data.images import DEFAULT_MAX_PIXELS, InvalidImageError, decode_image
 from facemask.data.scan_cache import cache_file_for, entry_matches, load_cache, save_cache
+from facemask.hardware import usable_cpu_count
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ def _check_pending(
 ) -> None:
     if not pending:
         return
-    workers = _default_workers() if workers is None else workers
+    workers = usable_cpu_count() if workers is None else workers
     paths = [str(path) for _, path, _ in pending]
     bar = tqdm(total=len(paths), desc="Checking images", unit="img", disable=not progress)
     executor = None
@@ -263,13 +264,6 @@ def _checker_settings() -> dict[str, Any]:
         "draft_size": CHECK_DRAFT_SIZE,
         "max_pixels": DEFAULT_MAX_PIXELS,
     }
-
-
-def _default_workers() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        # The CPUs this process may run on, which a container or `taskset` can limit.
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def check_image_file(path: str) -> dict[str, Any]:

@@ -117,14 +117,14 @@ def _normalise_and_tensor(pre: Preprocessing) -> list[A.BasicTransform]:
     return [A.Normalize(mean=pre.mean, std=pre.std, max_pixel_value=255.0), ToTensorV2()]
 
 
+def build_eval_resize(pre: Preprocessing) -> A.Resize:
+    """Build the first step of the evaluation transform, which stretches to a uint8 square."""
+    return A.Resize(pre.image_size, pre.image_size, area_for_downscale="image")
+
+
 def build_eval_transform(pre: Preprocessing) -> A.Compose:
     """Build the evaluation transform: resize to a square, normalise, HWC uint8 to CHW float."""
-    return A.Compose(
-        [
-            A.Resize(pre.image_size, pre.image_size, area_for_downscale="image"),
-            *_normalise_and_tensor(pre),
-        ]
-    )
+    return A.Compose([build_eval_resize(pre), *_normalise_and_tensor(pre)])
 
 
 def build_train_transform(pre: Preprocessing, aug: Augmentation) -> A.Compose:
