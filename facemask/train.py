@@ -32,7 +32,7 @@ def _route_lightning_logs_to_root() -> None:
 CONFIG_DIR = str(project_root() / "conf")
 
 
-def _train_or_exit(cfg: DictConfig) -> TrainingResult:
+def _train_or_exit(cfg: DictConfig) -> TrainingResult | None:
     """Run `train`, turning data, download and model errors into a message and exit code 2."""
     from facemask.data.download import DownloadError
     from facemask.data.importer import DatasetImportError
@@ -68,8 +68,10 @@ def main(cfg: DictConfig) -> float | None:
     """Train, test, log and register a model; returns the best validation score for sweepers.
 
     In a multirun sweep a failed job is logged and returns None, so the next jobs still run.
-    Ctrl+C and SIGTERM stop the whole sweep.
+    Ctrl+C, SIGTERM and a trainer that would start DDP processes stop the whole sweep.
+    DDP processes other than rank zero return None.
     """
+    from facemask.distributed import LaunchError
     from facemask.tracking.sweep import current_sweep_job
     from facemask.training import format_summary
 
@@ -77,6 +79,10 @@ def main(cfg: DictConfig) -> float | None:
     job = current_sweep_job()
     try:
         result = _train_or_exit(cfg)
+    except LaunchError as exc:
+        # Every job of the sweep would fail the same way, so the whole sweep stops here.
+        log.error("%s", exc)
+        raise SystemExit(2) from exc
     except Exception:
         if job is None:
             raise
@@ -87,6 +93,9 @@ def main(cfg: DictConfig) -> float | None:
         if job is None or exc.code != 2:
             raise
         log.error("Sweep job %d failed (overrides: %s)", job.job_num, " ".join(job.overrides))
+        return None
+    if result is None:
+        # A DDP process other than rank zero: rank zero prints the summary.
         return None
     print(format_summary(result), flush=True)
     return result.val_score

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import signal
 import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,22 +16,29 @@ import lightning as L
 import mlflow
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.loggers.logger import DummyLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from facemask.data.datamodule import FaceMaskDataModule
+from facemask.distributed import check_launch, stop_started_processes
 from facemask.models.classifier import FaceMaskClassifier
 from facemask.monitoring.reference import build_reference, log_reference
 from facemask.tracking.artifacts import log_run_inputs, log_test_reports
 from facemask.tracking.registry import RegistrationResult, log_model, register_and_promote
+from facemask.tracking.run_guard import RunGuard
 from facemask.tracking.sweep import tag_sweep_run
 
 log = logging.getLogger(__name__)
 
 # Written next to the checkpoints folder so a resumed training continues the same MLflow run.
 RUN_ID_FILE = "mlflow_run_id"
+
+# The start of the warning that lightning 2.6 gives when trainer.test runs on several processes.
+_DISTRIBUTED_TEST_WARNING = re.escape("Using `DistributedSampler` with the dataloaders.")
 
 
 @dataclass
@@ -49,7 +58,13 @@ class TrainingResult:
 
 def _instantiate_callbacks(cfg: DictConfig) -> list[Callback]:
     callbacks_cfg = cfg.get("callbacks") or {}
-    return [instantiate(entry) for entry in callbacks_cfg.values() if entry and "_target_" in entry]
+    callbacks = [
+        instantiate(entry) for entry in callbacks_cfg.values() if entry and "_target_" in entry
+    ]
+    if cfg.trainer.get("enable_progress_bar", True) is False:
+        # Lightning raises when a progress bar callback comes with enable_progress_bar=false.
+        callbacks = [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
+    return callbacks
 
 
 def _resumed_run_id(ckpt_path: str | None) -> str | None:
@@ -95,28 +110,32 @@ def build_components(cfg: DictConfig) -> tuple[FaceMaskDataModule, FaceMaskClass
     return datamodule, model
 
 
-def train(cfg: DictConfig) -> TrainingResult:
-    """Run the whole training job described by a composed `conf/train.yaml`."""
+def train(cfg: DictConfig) -> TrainingResult | None:
+    """Run the whole training job described by a composed `conf/train.yaml`.
+
+    Under DDP every process runs this function, and all of them fit and test. Only the process
+    of global rank zero creates and ends the MLflow run, writes the run files and registers the
+    model. The other processes return None.
+    """
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    datamodule, model = build_components(cfg)
-
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
-    resumed_run_id = _resumed_run_id(cfg.get("ckpt_path"))
-    logger = instantiate(cfg.logger.mlflow, run_id=resumed_run_id)
+    # Lightning sets the global rank while it builds the Trainer, from LOCAL_RANK and NODE_RANK
+    # or from the cluster's variables (torchrun, SLURM), so the rank is right from here on.
     callbacks = _instantiate_callbacks(cfg)
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
-    client: MlflowClient = logger.experiment
-    run_id = logger.run_id
-    (output_dir / RUN_ID_FILE).write_text(run_id)
-    tag_sweep_run(client, run_id, cfg.model.name)
-    log.info(
-        "MLflow run %s in experiment %r (%s)",
-        run_id,
-        cfg.mlflow.experiment_name,
-        cfg.mlflow.tracking_uri,
-    )
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
+    check_launch(trainer)
+    datamodule, model = build_components(cfg)
+    if not trainer.is_global_zero:
+        # A logger that records nothing, because LearningRateMonitor needs one on every process.
+        trainer.loggers = [DummyLogger()]
+        _fit_and_test(cfg, trainer, datamodule, model)
+        return None
+
+    logger, client, run_id, resumed_run_id = _start_run(cfg, trainer, output_dir)
+    # Lightning's DDP launcher may kill this process with SIGKILL when another process fails,
+    # so a separate watcher ends the run then.
+    guard = RunGuard(cfg.mlflow.tracking_uri, run_id) if trainer.world_size > 1 else None
 
     try:
         result = _run(
@@ -127,13 +146,82 @@ def train(cfg: DictConfig) -> TrainingResult:
         log.error(
             "Training stopped (%s); MLflow run %s marked %s", type(exc).__name__, run_id, status
         )
-        client.set_terminated(run_id, status)
+        try:
+            client.set_terminated(run_id, status)
+            if guard is not None:
+                guard.release()
+        finally:
+            stop_started_processes(trainer)
         if isinstance(exc, SIGTERMException):
             # Lightning raises it without an exit code, which would exit with status 0.
             raise SystemExit(128 + signal.SIGTERM) from exc
         raise
     client.set_terminated(run_id, "FINISHED")
+    if guard is not None:
+        guard.release()
     return result
+
+
+def _start_run(
+    cfg: DictConfig, trainer: L.Trainer, output_dir: Path
+) -> tuple[MLFlowLogger, MlflowClient, str, str | None]:
+    """Create the MLflow run, or continue the resumed one, and attach its logger to `trainer`.
+
+    Returns:
+        The logger, its client, the run id and the resumed run id (None for a new run).
+    """
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    resumed_run_id = _resumed_run_id(cfg.get("ckpt_path"))
+    logger: MLFlowLogger = instantiate(cfg.logger.mlflow, run_id=resumed_run_id)
+    # Lightning puts a DummyLogger in place of the loggers given to a fast_dev_run Trainer, and
+    # this logger is attached after the Trainer is built, so the same is done here.
+    trainer.loggers = [DummyLogger()] if trainer.fast_dev_run else [logger]
+    client: MlflowClient = logger.experiment
+    run_id = logger.run_id
+    (output_dir / RUN_ID_FILE).write_text(run_id)
+    tag_sweep_run(client, run_id, cfg.model.name)
+    log.info(
+        "MLflow run %s in experiment %r (%s)",
+        run_id,
+        cfg.mlflow.experiment_name,
+        cfg.mlflow.tracking_uri,
+    )
+    return logger, client, run_id, resumed_run_id
+
+
+def _fit_and_test(
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    datamodule: FaceMaskDataModule,
+    model: FaceMaskClassifier,
+) -> tuple[str, float | None, dict[str, float]]:
+    """Fit, then test the best checkpoint.
+
+    Returns:
+        The best checkpoint's path ("" when none was saved), its validation score and the test
+        metrics.
+    """
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if trainer.interrupted:
+        raise KeyboardInterrupt("training was interrupted")
+
+    checkpoint = trainer.checkpoint_callback
+    best_path = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
+    val_score = None
+    if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_score is not None:
+        val_score = float(checkpoint.best_model_score)
+    with warnings.catch_warnings():
+        # The classifier drops the test samples that DistributedSampler repeats to give every
+        # process as many, so each test image counts once and this warning does not apply.
+        warnings.filterwarnings("ignore", message=_DISTRIBUTED_TEST_WARNING)
+        # Without a saved checkpoint (fast_dev_run) the weights in memory are tested.
+        trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)
+    test_metrics = {
+        key: float(value)
+        for key, value in trainer.callback_metrics.items()
+        if key.startswith("test/") and value.numel() == 1
+    }
+    return best_path, val_score, test_metrics
 
 
 def _run(
@@ -154,22 +242,7 @@ def _run(
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     log_run_inputs(client, run_id, cfg, datamodule, output_dir)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    if trainer.interrupted:
-        raise KeyboardInterrupt("training was interrupted")
-
-    checkpoint = trainer.checkpoint_callback
-    best_path = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
-    val_score = None
-    if isinstance(checkpoint, ModelCheckpoint) and checkpoint.best_model_score is not None:
-        val_score = float(checkpoint.best_model_score)
-    # Without a saved checkpoint (fast_dev_run) the weights in memory are tested.
-    trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)
-    test_metrics = {
-        key: float(value)
-        for key, value in trainer.callback_metrics.items()
-        if key.startswith("test/") and value.numel() == 1
-    }
+    best_path, val_score, test_metrics = _fit_and_test(cfg, trainer, datamodule, model)
     log_test_reports(client, run_id, model.test_results, datamodule.classes, output_dir)
     log_reference(client, run_id, build_reference(datamodule, model.test_results), output_dir)
 
