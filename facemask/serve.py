@@ -51,11 +51,13 @@ def _stop_reason(exc: SystemExit) -> str:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="serve")
 def main(cfg: DictConfig) -> None:
     """Load the configured model and serve it with uvicorn until SIGTERM or Ctrl+C."""
-    import torch
+    # Only what serving needs: torch and MLflow are imported by the model loader when the
+    # runtime or the model URI needs them.
     import uvicorn
 
     from facemask.serving.app import create_app
-    from facemask.serving.model_store import ModelLoadError, load_model_bundle, redact_uri
+    from facemask.serving.model_store import ModelLoadError, redact_uri
+    from facemask.serving.served_model import load_served_model
     from facemask.serving.settings import ServeSettings
 
     logging.getLogger().setLevel(str(cfg.log_level).upper())
@@ -64,9 +66,14 @@ def main(cfg: DictConfig) -> None:
     except ValueError as exc:
         log.error("Invalid serve configuration: %s", exc)
         raise SystemExit(2) from exc
-    torch.set_num_threads(settings.intra_op_threads)
     try:
-        bundle = load_model_bundle(settings.model_uri, settings.tracking_uri)
+        bundle = load_served_model(
+            settings.model_uri,
+            settings.tracking_uri,
+            runtime=settings.runtime,
+            threads=settings.intra_op_threads,
+            torch_dtype=settings.torch_dtype,
+        )
     except ModelLoadError as exc:
         log.error("%s", exc)
         raise SystemExit(2) from exc
@@ -77,12 +84,13 @@ def main(cfg: DictConfig) -> None:
     )
     log.info(
         "Starting the prediction service for %s on http://%s:%d (tracking URI %s, "
-        "prediction log %s, %d torch threads)",
+        "prediction log %s, runtime %s with %d threads)",
         description,
         settings.host,
         settings.port,
         redact_uri(settings.tracking_uri),
         settings.prediction_log,
+        bundle.runtime,
         settings.intra_op_threads,
     )
     # The imported libraries and the model live until exit. Freezing them spares every full

@@ -75,6 +75,36 @@ def test_config_rejects_invalid_values():
         ServeSettings.from_config(_compose_serve(["max_upload_bytes=0"]))
     with pytest.raises(ValueError, match="port"):
         ServeSettings.from_config(_compose_serve(["port=70000"]))
+    with pytest.raises(ValueError, match="runtime='tensorrt' is invalid"):
+        ServeSettings.from_config(_compose_serve(["runtime=tensorrt"]))
+    with pytest.raises(ValueError, match="torch_dtype"):
+        ServeSettings.from_config(_compose_serve(["torch_dtype=float16"]))
+    with pytest.raises(ValueError, match="batching.max_batch_size"):
+        ServeSettings.from_config(_compose_serve(["batching.max_batch_size=0"]))
+    with pytest.raises(ValueError, match="batching.max_wait_ms"):
+        ServeSettings.from_config(_compose_serve(["batching.max_wait_ms=-1"]))
+
+
+def test_config_reads_runtime_and_batching():
+    settings = ServeSettings.from_config(
+        _compose_serve(
+            [
+                "runtime=torch",
+                "torch_dtype=bfloat16",
+                "batching.max_batch_size=8",
+                "batching.max_wait_ms=3.5",
+            ]
+        )
+    )
+    defaults = ServeSettings.from_config(_compose_serve([]))
+
+    assert settings.runtime == "torch"
+    assert settings.torch_dtype == "bfloat16"
+    assert settings.max_batch_size == 8
+    assert settings.max_batch_wait_ms == 3.5
+    assert defaults.runtime == "auto"
+    assert defaults.torch_dtype == "float32"
+    assert defaults.inference_workers == 1
 
 
 def _run_serve(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
@@ -107,8 +137,13 @@ def test_missing_alias_exits_2(trained_model: TrainedModel, tmp_path: Path):
 
 
 @contextlib.contextmanager
-def run_server(base: Path, model_uri: str, tracking_uri: str) -> Iterator[Server]:
-    """Start `python serve.py` on a free port, wait until GET /ready returns 200, kill it after."""
+def run_server(
+    base: Path, model_uri: str, tracking_uri: str, overrides: tuple[str, ...] = ()
+) -> Iterator[Server]:
+    """Start `python serve.py` on a free port, wait until GET /ready returns 200, kill it after.
+
+    `overrides` are more Hydra overrides of conf/serve.yaml, such as `runtime=onnx`.
+    """
     cwd = base / "cwd"
     cwd.mkdir()
     port = _free_port()
@@ -121,6 +156,7 @@ def run_server(base: Path, model_uri: str, tracking_uri: str) -> Iterator[Server
         f"mlflow.tracking_uri={tracking_uri}",
         f"port={port}",
         f"prediction_log.path={prediction_log}",
+        *overrides,
     ]
     with output.open("w") as out:
         process = subprocess.Popen(args, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -11,17 +12,28 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
+import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from facemask.data.transforms import Preprocessing, preprocess_file
+from facemask.data.images import decode_image
+from facemask.data.transforms import (
+    Preprocessing,
+    build_eval_transform,
+    image_to_tensor,
+    preprocess_file,
+)
 from facemask.models.classifier import FaceMaskClassifier
 from facemask.serving.app import create_app
-from facemask.serving.model_store import ModelBundle, load_model_bundle
+from facemask.serving.batching import BatcherStoppedError, MicroBatcher
+from facemask.serving.preprocessing import EvalPreprocessing
+from facemask.serving.runtimes import TorchModel
+from facemask.serving.served_model import ServedModel, load_served_model
 from facemask.serving.settings import ServeSettings
 from tests.conftest import TrainedModel, encode_image
 
@@ -39,8 +51,8 @@ IMAGE_SIZE = 64  # data.image_size of the `trained_model` fixture
 
 
 @pytest.fixture(scope="module")
-def bundle(trained_model: TrainedModel) -> ModelBundle:
-    return load_model_bundle(trained_model.alias_uri, trained_model.tracking_uri)
+def bundle(trained_model: TrainedModel) -> ServedModel:
+    return load_served_model(trained_model.alias_uri, trained_model.tracking_uri, runtime="torch")
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +65,12 @@ def reference_model(trained_model: TrainedModel) -> torch.nn.Module:
 
 @pytest.fixture
 def make_client(
-    bundle: ModelBundle, trained_model: TrainedModel, tmp_path: Path
+    bundle: ServedModel, trained_model: TrainedModel, tmp_path: Path
 ) -> Iterator[Callable[..., TestClient]]:
     """Return a factory of started TestClients; keyword arguments override ServeSettings."""
     clients: list[TestClient] = []
 
-    def factory(model_bundle: ModelBundle | None = None, **overrides: object) -> TestClient:
+    def factory(model_bundle: ServedModel | None = None, **overrides: object) -> TestClient:
         values = {
             "model_uri": trained_model.alias_uri,
             "tracking_uri": trained_model.tracking_uri,
@@ -112,7 +124,7 @@ def _animated_gif() -> tuple[bytes, bytes]:
     return gif, encode_image(red, "PNG")
 
 
-def test_health_ready_and_info(make_client, bundle: ModelBundle, trained_model: TrainedModel):
+def test_health_ready_and_info(make_client, bundle: ServedModel, trained_model: TrainedModel):
     app = create_app(
         ServeSettings(model_uri="unused", tracking_uri="unused", prediction_log=Path("unused")),
         bundle,
@@ -139,7 +151,7 @@ def test_health_ready_and_info(make_client, bundle: ModelBundle, trained_model: 
 
 @pytest.mark.parametrize("relative_path", REAL_FILES)
 def test_predict_matches_trained_module(
-    client, reference_model, bundle: ModelBundle, real_data_root: Path, relative_path: str
+    client, reference_model, bundle: ServedModel, real_data_root: Path, relative_path: str
 ):
     path = real_data_root / relative_path
     response = _post_file(client, path.read_bytes(), name=path.name)
@@ -147,7 +159,7 @@ def test_predict_matches_trained_module(
     assert response.status_code == 200, response.text
     body = response.json()
     pre = Preprocessing(image_size=IMAGE_SIZE)
-    assert bundle.preprocessing == pre
+    assert bundle.preprocessing.to_dict() == pre.to_dict()
     with torch.inference_mode():
         expected = reference_model(preprocess_file(path, pre).unsqueeze(0))[0]
     served = torch.tensor([body["mask"], body["no_mask"]])
@@ -158,7 +170,7 @@ def test_predict_matches_trained_module(
     assert body["request_id"] == response.headers["X-Request-ID"]
 
 
-def test_predict_logs_one_line(client, real_data_root: Path, bundle: ModelBundle):
+def test_predict_logs_one_line(client, real_data_root: Path, bundle: ServedModel):
     path = real_data_root / REAL_FILES[0]
     response = _post_file(client, path.read_bytes())
 
@@ -388,7 +400,7 @@ def test_request_id_header_and_access_log(client, odd_image_files, caplog):
     )
 
 
-def test_metrics_count_requests_and_predictions(client, odd_image_files, bundle: ModelBundle):
+def test_metrics_count_requests_and_predictions(client, odd_image_files, bundle: ServedModel):
     label = _post_file(client, odd_image_files["grey.png"]).json()["label"]
     _post_file(client, b"not an image")
 
@@ -403,21 +415,24 @@ def test_metrics_count_requests_and_predictions(client, odd_image_files, bundle:
     assert "facemask_http_request_duration_seconds_bucket" in text
 
 
-class _SlowModel(torch.nn.Module):
-    """Wraps a model; once `slow` is set, each forward signals `started` and sleeps."""
+class _SlowModel:
+    """Wraps a runtime; once `slow` is set, each call signals `started` and sleeps."""
 
-    def __init__(self, inner: torch.nn.Module, delay: float):
-        super().__init__()
+    name = "slow"
+
+    def __init__(self, inner, delay: float):
         self.inner = inner
         self.delay = delay
         self.slow = False
         self.started = threading.Event()
+        self.batch_sizes: list[int] = []
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.batch_sizes.append(len(batch))
         if self.slow:
             self.started.set()
             time.sleep(self.delay)
-        return self.inner(images)
+        return self.inner(batch)
 
 
 def test_health_answers_while_predict_is_busy(make_client, bundle, odd_image_files):
@@ -441,16 +456,17 @@ def test_health_answers_while_predict_is_busy(make_client, bundle, odd_image_fil
     assert statuses == [200]
 
 
-class _FailingModel(torch.nn.Module):
-    def __init__(self, inner: torch.nn.Module):
-        super().__init__()
+class _FailingModel:
+    name = "failing"
+
+    def __init__(self, inner):
         self.inner = inner
         self.fail = False
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
         if self.fail:
             raise RuntimeError("simulated failure inside the model")
-        return self.inner(images)
+        return self.inner(batch)
 
 
 def test_unexpected_error_is_json_500(make_client, bundle, odd_image_files, caplog):
@@ -490,3 +506,204 @@ def test_two_apps_in_one_process(make_client, odd_image_files):
 
     assert "facemask_predictions_total" in second.get("/metrics").text
     assert 'endpoint="/predict"' not in second.get("/metrics").text
+
+
+@pytest.mark.parametrize("size", [64, 224])
+def test_eval_preprocessing_matches_albumentations(
+    real_data_root: Path, odd_image_files: dict[str, bytes], size: int
+):
+    pre = Preprocessing(image_size=size)
+    transform = build_eval_transform(pre)
+    preprocessing = EvalPreprocessing.from_dict(pre.to_dict())
+    sources = [real_data_root / name for name in REAL_FILES] + list(odd_image_files.values())
+
+    assert preprocessing.to_dict() == pre.to_dict()
+    for source in sources:
+        image = decode_image(source, draft_size=pre.draft_size).image
+        expected = image_to_tensor(image, transform).numpy()
+        actual = preprocessing.apply(image)
+        assert actual.dtype == np.float32
+        np.testing.assert_array_equal(actual, expected)
+
+
+def test_eval_preprocessing_rejects_invalid_metadata():
+    with pytest.raises(ValueError, match="unknown preprocessing keys"):
+        EvalPreprocessing.from_dict({"image_size": 64, "crop": 0.9})
+    with pytest.raises(ValueError, match="resize mode"):
+        EvalPreprocessing.from_dict({"image_size": 64, "resize": "pad"})
+    with pytest.raises(ValueError, match="at least 16"):
+        EvalPreprocessing.from_dict({"image_size": 8})
+
+
+def test_torch_bfloat16_close_to_float32(bundle: ServedModel, real_data_root: Path):
+    reduced = TorchModel(bundle.model.module, "bfloat16")
+    batch = np.stack(
+        [
+            bundle.preprocessing.apply(
+                decode_image(real_data_root / name, draft_size=IMAGE_SIZE).image
+            )
+            for name in REAL_FILES
+        ]
+    )
+
+    difference = np.abs(reduced(batch) - bundle.model(batch)).max()
+
+    assert 0 < difference < 0.02
+
+
+def test_concurrent_predictions_share_batches(make_client, bundle, odd_image_files):
+    slow = _SlowModel(bundle.model, delay=0.5)
+    client = make_client(dataclasses.replace(bundle, model=slow), max_batch_size=16)
+    slow.batch_sizes.clear()
+    slow.slow = True
+    statuses: list[int] = []
+
+    def post() -> None:
+        statuses.append(_post_file(client, odd_image_files["grey.png"]).status_code)
+
+    first = threading.Thread(target=post)
+    first.start()
+    assert slow.started.wait(timeout=10)
+    # These arrive while the first call sleeps, so they queue up for the next call.
+    others = [threading.Thread(target=post) for _ in range(7)]
+    for thread in others:
+        thread.start()
+    for thread in [first, *others]:
+        thread.join(timeout=30)
+
+    assert statuses == [200] * 8
+    assert slow.batch_sizes == [1, 7]
+    metrics = client.get("/metrics").text
+    assert "facemask_inference_batch_size_count 2.0" in metrics
+    assert "facemask_inference_batch_size_sum 8.0" in metrics
+    assert 'facemask_inference_batch_size_bucket{le="1.0"} 1.0' in metrics
+
+
+def test_batch_request_respects_max_batch_size(make_client, bundle, odd_image_files):
+    counting = _SlowModel(bundle.model, delay=0.0)
+    client = make_client(dataclasses.replace(bundle, model=counting), max_batch_size=3)
+    counting.batch_sizes.clear()
+    files = [("files", (f"{i}.png", odd_image_files["grey.png"], "image/png")) for i in range(7)]
+
+    response = client.post("/predict/batch", files=files)
+
+    assert response.status_code == 200
+    assert len(response.json()["results"]) == 7
+    assert counting.batch_sizes == [3, 3, 1]
+
+
+def _run_batcher(scenario: Callable[[MicroBatcher], Any], run_batch, **options) -> Any:
+    async def main() -> Any:
+        batcher = MicroBatcher(run_batch, **{"max_batch_size": 16, "max_wait_s": 0.0, **options})
+        batcher.start()
+        try:
+            with anyio.fail_after(20):
+                return await scenario(batcher)
+        finally:
+            await batcher.stop()
+
+    return anyio.run(main)
+
+
+def test_batcher_lone_item_does_not_wait():
+    async def scenario(batcher: MicroBatcher) -> float:
+        start = time.perf_counter()
+        assert await batcher.submit([3]) == [6]
+        return time.perf_counter() - start
+
+    # A 10 s maximum wait applies only while other items are being prepared.
+    elapsed = _run_batcher(scenario, lambda items: [2 * x for x in items], max_wait_s=10.0)
+
+    assert elapsed < 2.0
+
+
+def test_batcher_waits_for_items_being_prepared():
+    sizes: list[int] = []
+
+    def run_batch(items: list[int]) -> list[int]:
+        sizes.append(len(items))
+        return items
+
+    async def scenario(batcher: MicroBatcher) -> list[list[int]]:
+        async def late() -> list[int]:
+            with batcher.preparing(1) as reservation:
+                await anyio.sleep(0.2)
+                return await batcher.submit([2], reservation)
+
+        async with anyio.create_task_group() as group:
+            results: list[list[int]] = []
+
+            async def early() -> None:
+                await anyio.sleep(0.05)
+                results.append(await batcher.submit([1]))
+
+            async def delayed() -> None:
+                results.append(await late())
+
+            group.start_soon(delayed)
+            group.start_soon(early)
+        return results
+
+    results = _run_batcher(scenario, run_batch, max_wait_s=5.0)
+
+    assert sorted(results) == [[1], [2]]
+    assert sizes == [2]
+
+
+def test_batcher_error_reaches_every_item():
+    def run_batch(items: list[int]) -> list[int]:
+        raise RuntimeError("model failed")
+
+    async def scenario(batcher: MicroBatcher) -> None:
+        with pytest.raises(RuntimeError, match="model failed"):
+            await batcher.submit([1, 2, 3])
+
+    _run_batcher(scenario, run_batch)
+
+
+def test_batcher_stop_fails_queued_items():
+    release = threading.Event()
+
+    def run_batch(items: list[int]) -> list[int]:
+        release.wait(timeout=10)
+        return items
+
+    async def main() -> tuple[list[int], BaseException | None]:
+        batcher = MicroBatcher(run_batch, max_batch_size=1, max_wait_s=0.0)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit([1]))
+        await anyio.sleep(0.1)
+        second = asyncio.ensure_future(batcher.submit([2]))
+        await anyio.sleep(0.1)
+        stopping = asyncio.ensure_future(batcher.stop())
+        await anyio.sleep(0.1)
+        release.set()
+        await stopping
+        result = await first
+        failure = (await asyncio.gather(second, return_exceptions=True))[0]
+        return result, failure
+
+    result, failure = asyncio.run(main())
+
+    assert result == [1]
+    assert isinstance(failure, BatcherStoppedError)
+
+
+def test_prepare_decodes_jpeg_in_draft_mode(bundle: ServedModel, real_data_root: Path, monkeypatch):
+    import facemask.serving.predictor as predictor_module
+
+    calls: list[int | None] = []
+    real_decode = predictor_module.decode_image
+
+    def recording_decode(data, *, draft_size, max_pixels):
+        calls.append(draft_size)
+        return real_decode(data, draft_size=draft_size, max_pixels=max_pixels)
+
+    monkeypatch.setattr(predictor_module, "decode_image", recording_decode)
+    predictor = predictor_module.Predictor(bundle, max_pixels=50_000_000)
+    # 4912x3264 pixels: draft mode decodes it at 1/8 scale, 614x408.
+    prepared = predictor.prepare((real_data_root / "mask/with_mask104.jpg").read_bytes())
+
+    assert calls == [IMAGE_SIZE]
+    assert prepared.properties["width"] == 4912
+    assert prepared.array.shape == (3, IMAGE_SIZE, IMAGE_SIZE)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,6 +16,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 
 from facemask import __version__
+from facemask.serving.batching import MicroBatcher
 from facemask.serving.drift_routes import router as drift_router
 from facemask.serving.errors import install_error_handlers
 from facemask.serving.metrics import ServiceMetrics
@@ -23,6 +25,7 @@ from facemask.serving.model_store import ModelBundle
 from facemask.serving.prediction_log import PredictionLog
 from facemask.serving.prediction_routes import router as prediction_router
 from facemask.serving.predictor import Predictor
+from facemask.serving.served_model import ServedModel, served_from_bundle
 from facemask.serving.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -43,19 +46,28 @@ def _warm_up(predictor: Predictor) -> None:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app.state
-    state.inference_limiter = anyio.CapacityLimiter(state.settings.inference_workers)
+    # Decoding is CPU work that releases the GIL in Pillow and OpenCV, so one thread per CPU.
+    state.prepare_limiter = anyio.CapacityLimiter(len(os.sched_getaffinity(0)))
     await anyio.to_thread.run_sync(_warm_up, state.predictor)
+    state.batcher.start()
     state.ready = True
-    log.info("Ready: model %s version %s", state.bundle.uri, state.bundle.version)
+    log.info(
+        "Ready: model %s version %s, runtime %s, micro-batches of up to %d images",
+        state.bundle.uri,
+        state.bundle.version,
+        state.bundle.runtime,
+        state.settings.max_batch_size,
+    )
     try:
         yield
     finally:
         state.ready = False
+        await state.batcher.stop()
         state.prediction_log.close()
         log.info("Shut down the app of model %s", state.bundle.uri)
 
 
-def _model_description(bundle: ModelBundle) -> dict[str, Any]:
+def _model_description(bundle: ServedModel) -> dict[str, Any]:
     size = bundle.preprocessing.image_size
     return {
         "name": bundle.name,
@@ -67,6 +79,7 @@ def _model_description(bundle: ModelBundle) -> dict[str, Any]:
         "input_size": [3, size, size],
         "preprocessing": bundle.preprocessing.to_dict(),
         "test_metrics": bundle.test_metrics,
+        "runtime": bundle.runtime,
     }
 
 
@@ -95,12 +108,15 @@ def _add_status_routes(app: FastAPI) -> None:
         return Response(service_metrics.render(), media_type=service_metrics.content_type)
 
 
-def create_app(settings: ServeSettings, bundle: ModelBundle) -> FastAPI:
+def create_app(settings: ServeSettings, bundle: ServedModel | ModelBundle) -> FastAPI:
     """Build the app that serves `bundle`.
 
-    `GET /ready` returns 503 and `POST /predict` is rejected until the lifespan startup has run
-    one image through the model; ASGI servers and `with TestClient(app)` run it.
+    A PyTorch `ModelBundle` from `load_model_bundle` is served with the torch runtime in
+    float32. `GET /ready` returns 503 and `POST /predict` is rejected until the lifespan startup
+    has run one image through the model; ASGI servers and `with TestClient(app)` run it.
     """
+    if isinstance(bundle, ModelBundle):
+        bundle = served_from_bundle(bundle)
     app = FastAPI(
         title="facemask prediction service",
         version=__version__,
@@ -111,7 +127,15 @@ def create_app(settings: ServeSettings, bundle: ModelBundle) -> FastAPI:
     app.state.settings = settings
     app.state.bundle = bundle
     app.state.metrics = metrics
-    app.state.predictor = Predictor(bundle, settings.max_pixels)
+    predictor = Predictor(bundle, settings.max_pixels)
+    app.state.predictor = predictor
+    app.state.batcher = MicroBatcher(
+        predictor.classify,
+        max_batch_size=settings.max_batch_size,
+        max_wait_s=settings.max_batch_wait_ms / 1000,
+        workers=settings.inference_workers,
+        on_batch=metrics.observe_batch,
+    )
     app.state.prediction_log = PredictionLog(
         settings.prediction_log,
         max_bytes=settings.prediction_log_max_bytes,

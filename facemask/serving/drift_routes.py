@@ -3,7 +3,8 @@
 The app provides `app.state.settings` (with `prediction_log` and `tracking_uri`) and
 `app.state.bundle` (the served model, with `run_id`, `name` and `version`). Both handlers are
 plain functions, so FastAPI runs them in its thread pool and the Evidently run does not block
-the event loop.
+the event loop. `facemask.monitoring.drift` (pandas and MLflow, then Evidently) is imported on
+the first call, so a server that never reports drift does not load them.
 """
 
 from __future__ import annotations
@@ -13,18 +14,6 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-
-from facemask.monitoring.drift import (
-    DEFAULT_MIN_ROWS,
-    ReferenceLoadError,
-    ReferenceNotFoundError,
-    describe_log,
-    drift_summary,
-    load_prediction_log,
-    load_reference,
-    prediction_summary,
-    window_for_hours,
-)
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +35,25 @@ def _model_info(bundle: Any) -> dict[str, Any]:
 def drift(
     request: Request,
     hours: float = Query(24.0, gt=0, le=_MAX_HOURS, description="Window length in hours."),
-    min_rows: int = Query(
-        DEFAULT_MIN_ROWS, ge=1, description="Minimum number of predictions for a drift verdict."
+    min_rows: int | None = Query(
+        None,
+        ge=1,
+        description="Minimum number of predictions for a drift verdict; omit for the default "
+        "in facemask.monitoring.drift.",
     ),
 ) -> JSONResponse:
     """Compare the served model's predictions in the last `hours` with its training reference."""
+    from facemask.monitoring.drift import (
+        DEFAULT_MIN_ROWS,
+        ReferenceLoadError,
+        ReferenceNotFoundError,
+        describe_log,
+        drift_summary,
+        load_prediction_log,
+        load_reference,
+        window_for_hours,
+    )
+
     settings = request.app.state.settings
     bundle = getattr(request.app.state, "bundle", None)
     if bundle is None or not getattr(bundle, "run_id", None):
@@ -83,7 +86,11 @@ def drift(
         model_name=model["name"],
         model_version=model["version"],
     )
-    summary = drift_summary(reference, prediction_log.frame, min_rows=min_rows)
+    summary = drift_summary(
+        reference,
+        prediction_log.frame,
+        min_rows=DEFAULT_MIN_ROWS if min_rows is None else min_rows,
+    )
     return JSONResponse(
         {**summary, "model": model, "window": describe_log(prediction_log, since, until)}
     )
@@ -97,6 +104,8 @@ def driftsummary(
     ),
 ) -> JSONResponse:
     """Count the logged predictions and the rate of each predicted class."""
+    from facemask.monitoring.drift import load_prediction_log, prediction_summary, window_for_hours
+
     settings = request.app.state.settings
     since, until = window_for_hours(hours) if hours is not None else (None, None)
     prediction_log = load_prediction_log(settings.prediction_log, since=since, until=until)

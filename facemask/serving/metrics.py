@@ -11,10 +11,12 @@ from prometheus_client import (
     generate_latest,
 )
 
-from facemask.serving.model_store import ModelBundle
+from facemask.serving.served_model import ServedModel
 
 # Seconds; spans a cached small image (a few ms) to a slow batch on a busy CPU.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Images per model call; powers of two up to the largest useful micro-batch.
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 class ServiceMetrics:
@@ -26,7 +28,7 @@ class ServiceMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, bundle: ModelBundle):
+    def __init__(self, bundle: ServedModel):
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "facemask_http_requests",
@@ -58,10 +60,22 @@ class ServiceMetrics:
             "Prediction log lines that could not be written.",
             registry=self.registry,
         )
+        self.batch_size = Histogram(
+            "facemask_inference_batch_size",
+            "Images per model call of the micro-batcher.",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_duration = Histogram(
+            "facemask_inference_batch_duration_seconds",
+            "Duration of one model call, from its start in a worker thread to its results.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.model_info = Gauge(
             "facemask_model_info",
             "The served model; the value is always 1.",
-            ["name", "version", "alias", "run_id", "uri"],
+            ["name", "version", "alias", "run_id", "uri", "runtime"],
             registry=self.registry,
         )
         self.model_info.labels(
@@ -70,6 +84,7 @@ class ServiceMetrics:
             alias=bundle.alias or "",
             run_id=bundle.run_id or "",
             uri=bundle.uri,
+            runtime=bundle.runtime,
         ).set(1)
         for label in bundle.class_names:
             self.predictions.labels(label=label)
@@ -78,6 +93,11 @@ class ServiceMetrics:
         """Count one finished request and record its latency."""
         self.requests.labels(endpoint=endpoint, method=method, status=str(status)).inc()
         self.latency.labels(endpoint=endpoint).observe(seconds)
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        """Record the size and duration of one model call."""
+        self.batch_size.observe(size)
+        self.batch_duration.observe(seconds)
 
     def render(self) -> bytes:
         """Return the metrics in the Prometheus text format."""

@@ -6,18 +6,20 @@ import contextlib
 import json
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-import mlflow
-import torch
-from mlflow.exceptions import MlflowException
-from mlflow.models import Model, get_model_info
-from mlflow.tracking import MlflowClient
+# torch, MLflow and the albumentations behind `Preprocessing` take seconds to import, and
+# serving with ONNX Runtime from a folder needs none of them, so they are imported where used.
+if TYPE_CHECKING:
+    import torch
+    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.tracking import MlflowClient
 
-from facemask.data.transforms import Preprocessing
+    from facemask.data.transforms import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,8 @@ def redact_uri(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """Return the exception message on one line, without a final full stop."""
     return " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
 
 
@@ -84,6 +87,22 @@ def check_sqlite_store(tracking_uri: str) -> None:
         raise ModelLoadError(f"the MLflow database {path} does not exist")
 
 
+def registered_version(client: MlflowClient, uri: str) -> ModelVersion | None:
+    """Return the model version that a `models:/NAME@ALIAS|VERSION` URI names, else None."""
+    match = _REGISTERED_URI.match(uri)
+    if match is None:
+        return None
+    if match["alias"] is not None:
+        return client.get_model_version_by_alias(match["name"], match["alias"])
+    return client.get_model_version(match["name"], match["version"])
+
+
+def registered_alias(uri: str) -> str | None:
+    """Return the alias of a `models:/NAME@ALIAS` URI, else None."""
+    match = _REGISTERED_URI.match(uri)
+    return None if match is None else match["alias"]
+
+
 def resolve_registered(
     client: MlflowClient, uri: str
 ) -> tuple[str | None, str | None, str | None, str]:
@@ -91,42 +110,48 @@ def resolve_registered(
 
     Any other URI comes back unchanged, with None for the name, version and alias.
     """
-    match = _REGISTERED_URI.match(uri)
-    if match is None:
+    model_version = registered_version(client, uri)
+    if model_version is None:
         return None, None, None, uri
-    name, alias = match["name"], match["alias"]
-    if alias is not None:
-        model_version = client.get_model_version_by_alias(name, alias)
-    else:
-        model_version = client.get_model_version(name, match["version"])
-    version = str(model_version.version)
+    name, version = model_version.name, str(model_version.version)
+    alias = registered_alias(uri)
     # Metadata and weights are read from the version the alias pointed at when the lookup ran.
     return name, version, alias, f"models:/{name}/{version}"
 
 
 def run_test_metrics(client: MlflowClient, run_id: str | None) -> dict[str, float]:
     """Return the `test/*` metrics of run `run_id`, or {} when it is unknown or unreadable."""
+    from mlflow.exceptions import MlflowException
+
     if not run_id:
         return {}
     try:
         metrics = client.get_run(run_id).data.metrics
     except MlflowException as exc:
-        log.warning("Cannot read the metrics of run %s: %s", run_id, _one_line(exc))
+        log.warning("Cannot read the metrics of run %s: %s", run_id, one_line(exc))
         return {}
     return {key: float(value) for key, value in sorted(metrics.items()) if key.startswith("test/")}
 
 
+def check_class_names(names: Sequence[Any]) -> list[str]:
+    """Return the class names as strings; raise ModelLoadError if one is a response key."""
+    class_names = [str(name) for name in names]
+    clashes = RESERVED_RESPONSE_KEYS.intersection(class_names)
+    if clashes:
+        raise ModelLoadError(f"class names {sorted(clashes)} clash with response keys")
+    return class_names
+
+
 def _metadata(metadata: dict[str, Any] | None) -> tuple[list[str], Preprocessing]:
+    from facemask.data.transforms import Preprocessing
+
     metadata = metadata or {}
     if "class_names" not in metadata or "preprocessing" not in metadata:
         raise ModelLoadError(
             "the model has no class_names or preprocessing metadata, so it was not logged by "
             "facemask training"
         )
-    class_names = [str(name) for name in metadata["class_names"]]
-    clashes = RESERVED_RESPONSE_KEYS.intersection(class_names)
-    if clashes:
-        raise ModelLoadError(f"class names {sorted(clashes)} clash with response keys")
+    class_names = check_class_names(metadata["class_names"])
     try:
         preprocessing = Preprocessing.from_dict(metadata["preprocessing"])
     except (TypeError, ValueError) as exc:
@@ -136,6 +161,8 @@ def _metadata(metadata: dict[str, Any] | None) -> tuple[list[str], Preprocessing
 
 def warm_up(model: torch.nn.Module, image_size: int, num_classes: int) -> None:
     """Run one forward pass on a zero batch and check the output shape."""
+    import torch
+
     with torch.inference_mode():
         output = model(torch.zeros(2, 3, image_size, image_size))
     if tuple(output.shape) != (2, num_classes):
@@ -175,13 +202,15 @@ def load_model_bundle(uri: str, tracking_uri: str) -> ModelBundle:
             or their metadata are missing or invalid. The message is one line that names the
             URI, the tracking URI and how to fix it.
     """
+    from mlflow.exceptions import MlflowException
+
     folder = local_model_dir(uri)
     if folder is not None:
         try:
             return _load_folder(uri, folder)
         except (ModelLoadError, MlflowException, OSError, ValueError) as exc:
             raise ModelLoadError(
-                f"Cannot load the model folder {str(folder)!r}: {_one_line(exc)}. Write one with "
+                f"Cannot load the model folder {str(folder)!r}: {one_line(exc)}. Write one with "
                 "`facemask export models:/NAME@ALIAS --out DIR`, or serve a registered model "
                 "with model.alias=NAME or model.uri=models:/NAME@ALIAS"
             ) from exc
@@ -190,7 +219,7 @@ def load_model_bundle(uri: str, tracking_uri: str) -> ModelBundle:
     except (ModelLoadError, MlflowException, OSError) as exc:
         raise ModelLoadError(
             f"Cannot load model {uri!r} from MLflow tracking URI {redact_uri(tracking_uri)!r}: "
-            f"{_one_line(exc)}. Train and register a model first (python train.py "
+            f"{one_line(exc)}. Train and register a model first (python train.py "
             "data.root=PATH), or choose one that exists with model.version=N, model.alias=NAME "
             "or model.uri=URI"
         ) from exc
@@ -200,21 +229,25 @@ def _load_model(
     model_uri: str, metadata: dict[str, Any] | None
 ) -> tuple[torch.nn.Module, list[str], Preprocessing]:
     """Load and warm up the model at `model_uri`; return it with its classes and preprocessing."""
+    import mlflow.pytorch
+
     class_names, preprocessing = _metadata(metadata)
     try:
         model = mlflow.pytorch.load_model(model_uri)
     except (RuntimeError, ValueError, TypeError) as exc:
-        raise ModelLoadError(f"the model files could not be loaded: {_one_line(exc)}") from exc
+        raise ModelLoadError(f"the model files could not be loaded: {one_line(exc)}") from exc
     _set_eval_mode(model)
     try:
         warm_up(model, preprocessing.image_size, len(class_names))
     except (RuntimeError, AssertionError) as exc:
         # torch.export programs raise AssertionError when an input breaks a shape guard.
-        raise ModelLoadError(f"the model failed on a zero batch: {_one_line(exc)}") from exc
+        raise ModelLoadError(f"the model failed on a zero batch: {one_line(exc)}") from exc
     return model, class_names, preprocessing
 
 
 def _load_folder(uri: str, folder: Path) -> ModelBundle:
+    from mlflow.models import Model
+
     if not (folder / "MLmodel").is_file():
         raise ModelLoadError(f"{folder / 'MLmodel'} does not exist")
     # Model.load reads MLmodel only. get_model_info would also query the tracking store for the
@@ -239,6 +272,10 @@ def _load_folder(uri: str, folder: Path) -> ModelBundle:
 
 
 def _load(uri: str, tracking_uri: str) -> ModelBundle:
+    import mlflow
+    from mlflow.models import get_model_info
+    from mlflow.tracking import MlflowClient
+
     check_sqlite_store(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)

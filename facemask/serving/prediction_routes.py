@@ -11,6 +11,7 @@ import anyio.to_thread
 from fastapi import APIRouter, File, Request, UploadFile
 
 from facemask.data.images import InvalidImageError
+from facemask.serving.batching import MicroBatcher
 from facemask.serving.errors import ApiError, error_body, image_error
 from facemask.serving.predictor import Prediction, Predictor, PreparedImage
 
@@ -63,23 +64,25 @@ def _prepare_all(predictor: Predictor, items: list[bytes | ApiError]) -> list[An
     return prepared
 
 
-def _predict_all(predictor: Predictor, items: list[bytes | ApiError]) -> list[Any]:
-    """Prepare every item, classify the valid ones in one batch; keep errors in place."""
-    prepared = _prepare_all(predictor, items)
-    valid = [item for item in prepared if isinstance(item, PreparedImage)]
-    predictions = iter(predictor.classify(valid))
-    return [item if isinstance(item, ApiError) else next(predictions) for item in prepared]
-
-
 async def _run_predictions(
     request: Request, items: list[bytes | ApiError]
 ) -> list[Prediction | ApiError]:
+    """Prepare every item and classify the valid ones through the micro-batcher.
+
+    Items that are or become errors keep their place in the returned list.
+    """
     state = request.app.state
-    # Blocking decode and inference run in worker threads, so the event loop keeps responding to
-    # /health while the model is busy.
-    return await anyio.to_thread.run_sync(
-        _predict_all, state.predictor, items, limiter=state.inference_limiter
-    )
+    batcher: MicroBatcher = state.batcher
+    uploads = sum(not isinstance(item, ApiError) for item in items)
+    with batcher.preparing(uploads) as reservation:
+        # Decoding runs in worker threads, so the event loop keeps responding to /health.
+        prepared = await anyio.to_thread.run_sync(
+            _prepare_all, state.predictor, items, limiter=state.prepare_limiter
+        )
+        valid = [item for item in prepared if isinstance(item, PreparedImage)]
+        results = await batcher.submit(valid, reservation) if valid else []
+    predictions = iter(results)
+    return [item if isinstance(item, ApiError) else next(predictions) for item in prepared]
 
 
 async def _log_predictions(

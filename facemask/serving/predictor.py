@@ -1,23 +1,23 @@
 """Turn uploaded image bytes into class probabilities, with the preprocessing of evaluation.
 
 The steps are those of `facemask.data.transforms.preprocess_file`, which training's test stage
-uses: `decode_image` with the model's draft size, then the evaluation transform.
+uses: `decode_image` with the model's draft size (JPEG draft mode), then resizing and
+normalisation, here with `EvalPreprocessing`, which gives the same values without torch.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import albumentations as A
-import torch
+import numpy as np
 
 from facemask.data.images import decode_image
-from facemask.data.transforms import build_eval_transform, image_to_tensor
 from facemask.monitoring.properties import image_properties
-from facemask.serving.model_store import ModelBundle
+
+if TYPE_CHECKING:
+    from facemask.serving.served_model import ServedModel
 
 
 @dataclass(frozen=True)
@@ -25,11 +25,11 @@ class PreparedImage:
     """A decoded upload, ready for the model.
 
     Attributes:
-        tensor: The normalised CHW float32 model input.
+        array: The normalised CHW float32 model input.
         properties: `image_properties` of the decoded picture, logged with the prediction.
     """
 
-    tensor: torch.Tensor
+    array: np.ndarray
     properties: dict[str, Any]
 
 
@@ -54,43 +54,30 @@ class Predictor:
     Methods are blocking and thread-safe: call them from worker threads.
     """
 
-    def __init__(self, bundle: ModelBundle, max_pixels: int | None):
+    def __init__(self, bundle: ServedModel, max_pixels: int | None):
         self.bundle = bundle
         self.max_pixels = max_pixels
-        self._local = threading.local()
-
-    def _transform(self) -> A.Compose:
-        # One transform per thread, because albumentations does not document Compose as
-        # thread-safe.
-        transform = getattr(self._local, "transform", None)
-        if transform is None:
-            transform = build_eval_transform(self.bundle.preprocessing)
-            self._local.transform = transform
-        return transform
 
     def prepare(self, data: bytes) -> PreparedImage:
-        """Decode one image file and apply the evaluation transform.
+        """Decode one image file and apply the evaluation preprocessing.
 
         Raises:
             ImageTooLargeError: The declared pixel count exceeds `max_pixels`.
             InvalidImageError: The data is not a supported image, or fails to decode.
         """
+        preprocessing = self.bundle.preprocessing
         decoded = decode_image(
-            data,
-            draft_size=self.bundle.preprocessing.draft_size,
-            max_pixels=self.max_pixels,
+            data, draft_size=preprocessing.draft_size, max_pixels=self.max_pixels
         )
         properties = image_properties(decoded)
-        tensor = image_to_tensor(decoded.image, self._transform())
-        return PreparedImage(tensor=tensor, properties=properties)
+        return PreparedImage(array=preprocessing.apply(decoded.image), properties=properties)
 
     def classify(self, images: Sequence[PreparedImage]) -> list[Prediction]:
         """Run the model on prepared images in one batch."""
         if not images:
             return []
-        batch = torch.stack([image.tensor for image in images]).float()
-        with torch.inference_mode():
-            probabilities = self.bundle.model(batch).float().cpu()
+        batch = np.stack([image.array for image in images])
+        probabilities = self.bundle.model(batch)
         names = self.bundle.class_names
         predictions = []
         for image, row in zip(images, probabilities.tolist(), strict=True):

@@ -9,6 +9,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from facemask.serving.runtimes import RUNTIMES, TORCH_DTYPES
+
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -27,8 +29,14 @@ class ServeSettings:
         prediction_log: Path of the JSON-lines prediction log.
         prediction_log_max_bytes: Size in bytes past which the log is rotated.
         prediction_log_backups: Rotated files kept (`.1` ... `.N`).
-        inference_workers: Predictions that run at the same time.
-        torch_threads: Intra-op threads of torch, or None to divide the CPUs among the workers.
+        runtime: `onnx`, `torch`, or `auto` (ONNX Runtime when the model has an ONNX export).
+        torch_dtype: `float32`, or `bfloat16` autocast, for the torch runtime.
+        max_batch_size: Maximum number of images in one model call of the micro-batcher.
+        max_batch_wait_ms: Maximum wait, in milliseconds, for requests that are still being
+            decoded before the micro-batcher runs a partial batch on an idle model.
+        inference_workers: Model calls that run at the same time.
+        torch_threads: Intra-op threads of the runtime (torch or ONNX Runtime), or None to
+            divide the CPUs among the inference workers.
         log_level: Python logging level name for the service and uvicorn.
     """
 
@@ -42,7 +50,11 @@ class ServeSettings:
     prediction_log: Path = Path("logs/predictions.jsonl")
     prediction_log_max_bytes: int = 50_000_000
     prediction_log_backups: int = 5
-    inference_workers: int = 2
+    runtime: str = "auto"
+    torch_dtype: str = "float32"
+    max_batch_size: int = 8
+    max_batch_wait_ms: float = 2.0
+    inference_workers: int = 1
     torch_threads: int | None = None
     log_level: str = "info"
 
@@ -53,6 +65,7 @@ class ServeSettings:
             "max_batch_files": self.max_batch_files,
             "prediction_log.max_bytes": self.prediction_log_max_bytes,
             "inference_workers": self.inference_workers,
+            "batching.max_batch_size": self.max_batch_size,
         }
         for key, value in positive.items():
             if value < 1:
@@ -65,12 +78,22 @@ class ServeSettings:
             raise ValueError(f"port={self.port} is invalid; use a TCP port from 0 to 65535")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads={self.torch_threads} is invalid; use null or >= 1")
+        if self.max_batch_wait_ms < 0:
+            raise ValueError(
+                f"batching.max_wait_ms={self.max_batch_wait_ms} is invalid; use 0 or more"
+            )
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime={self.runtime!r} is invalid; use one of {RUNTIMES}")
+        if self.torch_dtype not in TORCH_DTYPES:
+            raise ValueError(
+                f"torch_dtype={self.torch_dtype!r} is invalid; use one of {TORCH_DTYPES}"
+            )
         if self.log_level.lower() not in LOG_LEVELS:
             raise ValueError(f"log_level={self.log_level!r} is invalid; use one of {LOG_LEVELS}")
 
     @property
     def intra_op_threads(self) -> int:
-        """Threads for `torch.set_num_threads`: the setting, or the CPUs per inference worker."""
+        """Intra-op threads of the runtime: the setting, or the CPUs per inference worker."""
         if self.torch_threads is not None:
             return self.torch_threads
         return max(1, len(os.sched_getaffinity(0)) // self.inference_workers)
@@ -90,6 +113,10 @@ class ServeSettings:
             prediction_log=Path(str(log_cfg.path)).expanduser(),
             prediction_log_max_bytes=int(log_cfg.max_bytes),
             prediction_log_backups=int(log_cfg.backups),
+            runtime=str(cfg.runtime),
+            torch_dtype=str(cfg.torch_dtype),
+            max_batch_size=int(cfg.batching.max_batch_size),
+            max_batch_wait_ms=float(cfg.batching.max_wait_ms),
             inference_workers=int(cfg.inference_workers),
             torch_threads=None if cfg.torch_threads is None else int(cfg.torch_threads),
             log_level=str(cfg.log_level).lower(),
