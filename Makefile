@@ -19,8 +19,10 @@ help: ## List the targets
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -r requirements.lock
+	# The lock is complete and hashed: pip installs exactly those files and resolves nothing.
+	$(PY) -m pip install --no-deps --require-hashes -r requirements.lock
 	$(PY) -m pip install --no-deps -e .
+	$(PY) -m pip check
 	touch $@
 
 setup: $(VENV)/.installed ## Create .venv and install the pinned dependencies
@@ -45,12 +47,13 @@ format: setup ## Format the code with ruff
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-lock: ## Regenerate requirements.lock from requirements*.in in a fresh virtual environment
+lock: ## Regenerate requirements.lock, with hashes, from requirements*.in in a fresh virtual environment
 	rm -rf .lock-venv
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install --upgrade pip
 	.lock-venv/bin/pip install -r requirements.in -r requirements-dev.in
 	.lock-venv/bin/pip freeze --exclude-editable > requirements.lock
+	.lock-venv/bin/python scripts/add_lock_hashes.py requirements.lock
 	rm -rf .lock-venv
 
 mlflow-ui: setup ## Open the MLflow UI on the default store at http://127.0.0.1:5000
