@@ -52,7 +52,8 @@ lock: ## Regenerate requirements.lock, with hashes, from requirements*.in in a f
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install --upgrade pip
 	.lock-venv/bin/pip install -r requirements.in -r requirements-dev.in
-	.lock-venv/bin/pip freeze --exclude-editable > requirements.lock
+	# --all keeps setuptools, which torch requires at run time; pip itself is upgraded apart.
+	.lock-venv/bin/pip freeze --all --exclude-editable | grep -v "^pip==" > requirements.lock
 	.lock-venv/bin/python scripts/add_lock_hashes.py requirements.lock
 	rm -rf .lock-venv
 
