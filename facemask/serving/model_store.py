@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import pickle
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -225,16 +227,59 @@ def load_model_bundle(uri: str, tracking_uri: str) -> ModelBundle:
         ) from exc
 
 
+@contextlib.contextmanager
+def _pickle_disallowed() -> Iterator[None]:
+    """Set MLflow's `MLFLOW_ALLOW_PICKLE_DESERIALIZATION` to false for the block.
+
+    MLflow (3.17) allows pickle by default. With it off, `mlflow.pytorch.load_model` rejects
+    pickle-format models and checks that a `pt2` archive contains only tensors and plain data
+    before `torch.export.load` unpickles it.
+    """
+    name = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+    previous = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+def check_pytorch_flavor(flavors: Mapping[str, Any]) -> None:
+    """Raise ModelLoadError unless the model has a `pytorch` flavor that ships no code.
+
+    MLflow puts a model's `code_paths` folder first on `sys.path` while loading, so a module
+    there would shadow any later import.
+    """
+    conf = flavors.get("pytorch")
+    if not isinstance(conf, Mapping):
+        raise ModelLoadError("the model has no pytorch flavor in its MLmodel file")
+    if conf.get("code"):
+        raise ModelLoadError(
+            f"the model ships code ({conf['code']!r}), which serving never imports; log it "
+            "again without code_paths"
+        )
+
+
 def _load_model(
     model_uri: str, metadata: dict[str, Any] | None
 ) -> tuple[torch.nn.Module, list[str], Preprocessing]:
-    """Load and warm up the model at `model_uri`; return it with its classes and preprocessing."""
+    """Load and warm up the model at `model_uri`; return it with its classes and preprocessing.
+
+    Only `pt2` models (torch.export) whose archive contains no pickled objects load. A
+    pickle-format model is rejected before any of it is unpickled: `pickle_module` keeps
+    MLflow from importing the module named in `pickle_module_info.txt`, and torch refuses
+    `weights_only=True` with an explicit pickle module.
+    """
     import mlflow.pytorch
 
     class_names, preprocessing = _metadata(metadata)
     try:
-        model = mlflow.pytorch.load_model(model_uri)
-    except (RuntimeError, ValueError, TypeError) as exc:
+        with _pickle_disallowed():
+            model = mlflow.pytorch.load_model(model_uri, pickle_module=pickle, weights_only=True)
+    except (RuntimeError, ValueError, TypeError, pickle.UnpicklingError) as exc:
         raise ModelLoadError(f"the model files could not be loaded: {one_line(exc)}") from exc
     _set_eval_mode(model)
     try:
@@ -253,6 +298,7 @@ def _load_folder(uri: str, folder: Path) -> ModelBundle:
     # Model.load reads MLmodel only. get_model_info would also query the tracking store for the
     # logged model, which creates ./mlflow.db when no tracking URI is set (MLflow 3).
     info = Model.load(str(folder / "MLmodel"))
+    check_pytorch_flavor(info.flavors)
     model, class_names, preprocessing = _load_model(str(folder), info.metadata)
     export_file = folder / EXPORT_INFO_FILE
     exported = json.loads(export_file.read_text()) if export_file.is_file() else {}
@@ -281,6 +327,7 @@ def _load(uri: str, tracking_uri: str) -> ModelBundle:
     client = MlflowClient(tracking_uri)
     name, version, alias, pinned_uri = resolve_registered(client, uri)
     info = get_model_info(pinned_uri)
+    check_pytorch_flavor(info.flavors)
     model, class_names, preprocessing = _load_model(pinned_uri, info.metadata)
     bundle = ModelBundle(
         model=model,
