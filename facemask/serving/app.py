@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from PIL import Image
 
 from facemask import __version__
@@ -101,7 +101,8 @@ def _add_status_routes(app: FastAPI) -> None:
         """Describe the served model: registry entry, run, classes, input size, test metrics."""
         return _model_description(request.app.state.bundle)
 
-    @app.get("/metrics", tags=["status"])
+    # The response class only sets the documented media type: the handler returns its own.
+    @app.get("/metrics", tags=["status"], response_class=PlainTextResponse)
     async def metrics(request: Request) -> Response:
         """Return the Prometheus metrics in the text exposition format."""
         service_metrics: ServiceMetrics = request.app.state.metrics

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import UTC, datetime
+from pathlib import PureWindowsPath
 from typing import Annotated, Any
 
 import anyio.to_thread
@@ -165,7 +166,9 @@ async def predict_batch(
     results: list[dict[str, Any]] = []
     logged: list[tuple[int | None, Prediction]] = []
     for index, (upload, outcome) in enumerate(zip(files, outcomes, strict=True)):
-        filename = upload.filename or None
+        # Only the base name is echoed: some clients send the full path of the file they read.
+        # PureWindowsPath splits at both "/" and "\\".
+        filename = PureWindowsPath(upload.filename or "").name or None
         if isinstance(outcome, ApiError):
             log.warning(
                 "Request %s: batch file %d rejected with %d %s: %s",
