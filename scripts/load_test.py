@@ -5,6 +5,11 @@
 The run stops at whichever comes first: `--requests` sent or `--duration` seconds elapsed. It
 prints throughput, latency percentiles (p50, p95, p99) and the errors by status, and exits with
 status 1 when any request failed. `--json` prints the same report as one JSON object.
+
+`--health-interval MS` also sends `GET /health` every MS milliseconds from one more client
+during the run and reports its latency percentiles, which show whether the event loop stays
+responsive while `/predict` is saturated. `--server-pid PID` samples the resident memory
+(VmRSS) of that local process every half second and reports it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import argparse
 import json
 import logging
 import math
+import statistics
 import sys
 import threading
 import time
@@ -30,6 +36,8 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 MAX_REQUESTS = 100_000
 MAX_DURATION_S = 3600.0
 MAX_CONCURRENCY = 64
+MIN_HEALTH_INTERVAL_MS = 10.0
+RSS_SAMPLE_INTERVAL_S = 0.5
 
 
 @dataclass
@@ -46,6 +54,8 @@ class LoadReport:
     concurrency: int
     stopped_by: str
     error_examples: list[str] = field(default_factory=list)
+    health: dict[str, float] | None = None
+    rss_mib: dict[str, float] | None = None
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float:
@@ -77,6 +87,105 @@ class _Counter:
             return self._next
 
 
+def _latency_summary(latencies: list[float]) -> dict[str, float]:
+    ordered = sorted(latencies)
+    return {
+        name: round(percentile(ordered, fraction), 1)
+        for name, fraction in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99), ("max", 1.0))
+    }
+
+
+def read_rss_mib(pid: int) -> float:
+    """Return the resident memory of process `pid` in MiB, from /proc (Linux only)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise OSError(f"/proc/{pid}/status has no VmRSS line")
+
+
+def summarize_rss(samples: list[float]) -> dict[str, float]:
+    """Summarize RSS samples: first, last, max, and the medians of the 2nd and 4th quarters.
+
+    The first quarter is left out of the growth figure, because it contains the warm-up (thread
+    pools, allocator arenas) rather than a leak.
+    """
+    quarter = max(1, len(samples) // 4)
+    second = statistics.median(samples[quarter : 2 * quarter] or samples)
+    last = statistics.median(samples[-quarter:])
+    return {
+        "samples": len(samples),
+        "first": round(samples[0], 1),
+        "last": round(samples[-1], 1),
+        "max": round(max(samples), 1),
+        "second_quarter_median": round(second, 1),
+        "last_quarter_median": round(last, 1),
+        "growth": round(last - second, 1),
+    }
+
+
+class _Monitor:
+    """Probes `/health` and samples a server's RSS on background threads until stopped."""
+
+    def __init__(
+        self, url: str, health_interval_s: float | None, pid: int | None, timeout_s: float
+    ):
+        self.url = url.rstrip("/") + "/health"
+        self.health_interval_s = health_interval_s
+        self.pid = pid
+        self.timeout_s = timeout_s
+        self.health_latencies: list[float] = []
+        self.health_failures = 0
+        self.rss_samples: list[float] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> _Monitor:
+        if self.health_interval_s is not None:
+            self._threads.append(threading.Thread(target=self._probe_health, daemon=True))
+        if self.pid is not None:
+            self.rss_samples.append(read_rss_mib(self.pid))
+            self._threads.append(threading.Thread(target=self._sample_rss, daemon=True))
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
+
+    def _probe_health(self) -> None:
+        assert self.health_interval_s is not None
+        with httpx.Client(timeout=self.timeout_s) as client:
+            while not self._stop.wait(self.health_interval_s):
+                sent = time.perf_counter()
+                try:
+                    ok = client.get(self.url).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if ok:
+                    self.health_latencies.append((time.perf_counter() - sent) * 1000)
+                else:
+                    self.health_failures += 1
+
+    def _sample_rss(self) -> None:
+        assert self.pid is not None
+        while not self._stop.wait(RSS_SAMPLE_INTERVAL_S):
+            try:
+                self.rss_samples.append(read_rss_mib(self.pid))
+            except OSError:
+                return  # The process has exited.
+
+    def health_report(self) -> dict[str, float] | None:
+        if self.health_interval_s is None:
+            return None
+        return {
+            **_latency_summary(self.health_latencies),
+            "requests": len(self.health_latencies) + self.health_failures,
+            "failures": self.health_failures,
+        }
+
+
 def run_load(
     url: str,
     image: bytes,
@@ -85,11 +194,18 @@ def run_load(
     duration_s: float,
     concurrency: int,
     timeout_s: float = 30.0,
+    health_interval_ms: float | None = None,
+    server_pid: int | None = None,
 ) -> LoadReport:
     """Post `image` to `url`/predict from `concurrency` threads and return the report.
 
+    Args:
+        health_interval_ms: If set, also probe `GET /health` at this interval, in milliseconds.
+        server_pid: If set, sample the VmRSS of this local process during the run.
+
     Raises:
         ValueError: A limit is out of range.
+        OSError: `server_pid` is not a readable local process.
     """
     if not 1 <= requests <= MAX_REQUESTS:
         raise ValueError(f"requests={requests} is invalid; use 1 to {MAX_REQUESTS}")
@@ -97,6 +213,11 @@ def run_load(
         raise ValueError(f"duration={duration_s} s is invalid; use more than 0 to {MAX_DURATION_S}")
     if not 1 <= concurrency <= MAX_CONCURRENCY:
         raise ValueError(f"concurrency={concurrency} is invalid; use 1 to {MAX_CONCURRENCY}")
+    if health_interval_ms is not None and health_interval_ms < MIN_HEALTH_INTERVAL_MS:
+        raise ValueError(
+            f"health interval={health_interval_ms} ms is invalid; use {MIN_HEALTH_INTERVAL_MS} "
+            "ms or more"
+        )
 
     endpoint = url.rstrip("/") + "/predict"
     start = time.monotonic()
@@ -125,12 +246,15 @@ def run_load(
                         if len(examples) < 5:
                             examples.append(f"{outcome}: {detail}")
 
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+    health_interval_s = None if health_interval_ms is None else health_interval_ms / 1000
+    with (
+        _Monitor(url, health_interval_s, server_pid, timeout_s) as monitor,
+        ThreadPoolExecutor(max_workers=concurrency) as pool,
+    ):
         for future in [pool.submit(worker) for _ in range(concurrency)]:
             future.result()
     elapsed = time.monotonic() - start
 
-    latencies.sort()
     total = len(latencies) + sum(errors.values())
     return LoadReport(
         url=endpoint,
@@ -139,13 +263,12 @@ def run_load(
         errors=dict(errors),
         elapsed_s=round(elapsed, 3),
         throughput_rps=round(total / elapsed, 2) if elapsed > 0 else 0.0,
-        latency_ms={
-            name: round(percentile(latencies, fraction), 1)
-            for name, fraction in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99), ("max", 1.0))
-        },
+        latency_ms=_latency_summary(latencies),
         concurrency=concurrency,
         stopped_by=counter.stopped_by,
         error_examples=examples,
+        health=monitor.health_report(),
+        rss_mib=summarize_rss(monitor.rss_samples) if monitor.rss_samples else None,
     )
 
 
@@ -162,8 +285,14 @@ def format_report(report: LoadReport) -> str:
             f"latency ms  {latency}",
             f"errors      {errors}",
             *(f"  {example}" for example in report.error_examples),
+            *([f"/health ms  {_format_fields(report.health)}"] if report.health else []),
+            *([f"RSS MiB     {_format_fields(report.rss_mib)}"] if report.rss_mib else []),
         ]
     )
+
+
+def _format_fields(values: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:g}" for name, value in values.items())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,6 +309,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int, default=4, help="parallel clients (4)")
     parser.add_argument(
         "--timeout", type=float, default=30.0, help="per-request timeout in seconds (30)"
+    )
+    parser.add_argument(
+        "--health-interval",
+        type=float,
+        default=None,
+        help="also probe GET /health every this many milliseconds during the run (off)",
+    )
+    parser.add_argument(
+        "--server-pid",
+        type=int,
+        default=None,
+        help="sample the resident memory of this local server process (off)",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
@@ -201,12 +342,16 @@ def main(argv: list[str] | None = None) -> int:
             args.duration,
             args.concurrency,
             args.timeout,
+            args.health_interval,
+            args.server_pid,
         )
     except (OSError, ValueError) as exc:
         log.error("%s", exc)
         return 2
     print(json.dumps(asdict(report)) if args.json else format_report(report))
-    return 0 if report.ok == report.requests and report.requests > 0 else 1
+    health_failed = report.health is not None and report.health["failures"] > 0
+    succeeded = report.ok == report.requests and report.requests > 0 and not health_failed
+    return 0 if succeeded else 1
 
 
 if __name__ == "__main__":

@@ -215,3 +215,62 @@ def test_sigterm_marks_run_killed(small_dataset, tmp_path):
     assert [run.info.status for run in runs] == ["KILLED"]
     client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
     assert client.search_registered_models() == []
+
+
+def _registry_state(client: MlflowClient) -> list[tuple[str, str, list[str], str]]:
+    """Return (model, version, aliases, run id) of every registered version, sorted."""
+    state = []
+    for model in client.search_registered_models():
+        for found in client.search_model_versions(f"name='{model.name}'"):
+            # Search results leave the aliases out; a version lookup has them.
+            version = client.get_model_version(found.name, found.version)
+            state.append(
+                (version.name, str(version.version), sorted(version.aliases), version.run_id)
+            )
+    return sorted(state)
+
+
+def test_sigkill_mid_epoch_keeps_registry_then_resumes(small_dataset, tmp_path):
+    store = tmp_path / "store"
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    train(compose_train_config(small_training_overrides(small_dataset, store, tmp_path / "first")))
+    before = _registry_state(client)
+    assert [entry[1:3] for entry in before] == [("1", ["champion"])]
+
+    output_dir = tmp_path / "killed"
+    overrides = small_training_overrides(small_dataset, store, output_dir, "trainer.max_epochs=4")
+    command = [sys.executable, str(project_root() / "train.py"), *overrides]
+    command.append(f"hydra.run.dir={output_dir}")
+    last = output_dir / "checkpoints" / "last.ckpt"
+    log_path = tmp_path / "train.log"
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            # The first checkpoint is written at the end of epoch 0, so the kill lands in epoch 1.
+            deadline = time.monotonic() + 180
+            while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert last.exists(), log_path.read_text()[-3000:]
+            process.send_signal(signal.SIGKILL)
+            returncode = process.wait(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    assert returncode == -signal.SIGKILL
+    assert _registry_state(client) == before
+    killed = [run for run in _runs(store) if run.info.status == "RUNNING"]
+    assert len(killed) == 1
+
+    resume = small_training_overrides(
+        small_dataset, store, tmp_path / "resumed", "trainer.max_epochs=4", f"ckpt_path={last}"
+    )
+    result = train(compose_train_config(resume))
+
+    assert result.run_id == killed[0].info.run_id
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    assert result.registration.version == "2"
+    after = _registry_state(client)
+    assert [entry[1] for entry in after] == ["1", "2"]
+    assert after[1][3] == result.run_id
