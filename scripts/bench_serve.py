@@ -612,8 +612,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = serve_settings(args)
     payload = jpeg_bytes(args.image, args.size)
     load_start = load_average()
-    # A child process keeps torch, the models and their threads out of the process that sends
-    # the HTTP load; in the same process they added about 2 ms to the concurrency-1 median.
+    # The models are timed in a child process, so torch and its threads stay out of the process
+    # that sends the HTTP load. In the same process they added about 2 ms to the median latency.
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
         models = child.submit(measure_models, args, settings).result()
     service, baseline = measure_servers(args, payload)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from facemask.data.scan import DatasetError
 from facemask.hardware import usable_cpu_count
 
-# Upper bound of the automatic worker count. Each worker holds a copy of the dataset object and
-# its prefetched batches in memory.
+# Upper bound of the automatic worker count, because each worker keeps a copy of the dataset
+# object and its prefetched batches in memory.
 MAX_AUTO_WORKERS = 8
 
 # Batches kept in flight across all workers of one loader when prefetch_factor is unset, so that a
