@@ -278,7 +278,15 @@ def _log_and_register(
             example,
             datamodule.classes,
             datamodule.preprocessing,
-            extra_metadata={"timm_model": cfg.model.name, "run_id": run_id},
+            extra_metadata={
+                "timm_model": cfg.model.name,
+                "run_id": run_id,
+                "face_stage": (
+                    datamodule.face_stage_settings.to_dict()
+                    if datamodule.face_stage_settings is not None
+                    else None
+                ),
+            },
         )
         # start_run on an existing run marks it FINISHED on exit; the caller sets the real status.
     log.info("Logged the model as %s", info.model_uri)

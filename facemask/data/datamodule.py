@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader, Dataset
 
+from facemask.data.face_crops import FaceCropCache, FaceCropLoader, FaceSummary
 from facemask.data.image_cache import FileDecoder, ImageCache
 from facemask.data.loader_settings import (
     LoaderSettings,
@@ -33,15 +34,17 @@ from facemask.data.split import (
 )
 from facemask.data.transforms import (
     Augmentation,
+    Framing,
     Preprocessing,
     build_eval_transform,
     build_train_transform,
 )
+from facemask.faces.stage import FaceStageSettings
 
 log = logging.getLogger(__name__)
 
 
-ImageLoader = ImageCache | FileDecoder
+ImageLoader = ImageCache | FileDecoder | FaceCropLoader
 
 
 class ImageFolderDataset(Dataset):
@@ -50,7 +53,8 @@ class ImageFolderDataset(Dataset):
     Args:
         paths: Image files.
         labels: Class index of each file.
-        sha256s: Hex SHA-256 of each file from the dataset scan, the key of the image cache.
+        sha256s: The key of each sample in `image_loader`: the hex SHA-256 of the file from the
+            dataset scan, or `<sha256>-<i>` for face `i` of the file with a `FaceCropLoader`.
         transform: An albumentations transform from HWC uint8 pixels to a CHW float tensor.
         image_loader: An `ImageCache`, or a `FileDecoder` that decodes on every access.
     """
@@ -123,6 +127,14 @@ class FaceMaskDataModule(L.LightningDataModule):
             file is decoded once (see `facemask.data.image_cache`).
         persistent_workers: Keep the workers between epochs; None keeps them when there are any.
         prefetch_factor: Batches loaded ahead by each worker; None keeps at least 4 in flight.
+        framing: Keyword arguments of `facemask.data.transforms.Framing`, the augmentations
+            against framing shortcuts.
+        faces: Train and test on the faces that the face stage finds in each image, one sample
+            per face, the whole image when none is found (see `facemask.data.face_crops`).
+            Needs `cache_dir`.
+        face_stage: Keyword arguments of `facemask.faces.stage.FaceStageSettings`.
+        ood_root: A class-folder dataset from another source, evaluated at the end of training
+            and never trained on; None skips that check.
     """
 
     def __init__(
@@ -143,6 +155,10 @@ class FaceMaskDataModule(L.LightningDataModule):
         image_cache: bool = True,
         persistent_workers: bool | None = None,
         prefetch_factor: int | None = None,
+        framing: dict[str, Any] | None = None,
+        faces: bool = False,
+        face_stage: dict[str, Any] | None = None,
+        ood_root: str | Path | None = None,
     ):
         super().__init__()
         self.root = Path(root).expanduser().resolve()
@@ -163,6 +179,15 @@ class FaceMaskDataModule(L.LightningDataModule):
         self.scan: ScanResult | None = None
         self.manifest: pd.DataFrame | None = None
         self.datasets: dict[str, ImageFolderDataset] = {}
+        self.framing = Framing(**(framing or {}))
+        self.faces = faces
+        self.face_stage_settings = FaceStageSettings(**(face_stage or {})) if faces else None
+        if faces and cache_dir is None:
+            raise ValueError(
+                "data.faces=true keeps the face crops under data.cache_dir; set data.cache_dir"
+            )
+        self.ood_root = Path(ood_root).expanduser().resolve() if ood_root else None
+        self.face_summary: dict[str, FaceSummary] = {}
         # Invalid DataLoader settings fail here, before a training run starts.
         self.loader_settings()
 
@@ -183,19 +208,64 @@ class FaceMaskDataModule(L.LightningDataModule):
         splits = stratified_group_split(records, self.fractions, seed=self.seed)
         self.manifest = build_manifest(self.root, records, splits, groups)
         label_index = {name: i for i, name in enumerate(self.classes)}
+        if self.face_stage_settings is not None:
+            self._setup_faces(label_index)
+        else:
+            for split in SPLIT_NAMES:
+                rows = self.manifest[self.manifest["split"] == split]
+                kind = "train" if split == "train" else "eval"
+                self.datasets[split] = ImageFolderDataset(
+                    [self.root / p for p in rows["path"]],
+                    [label_index[label] for label in rows["label"]],
+                    list(rows["sha256"]),
+                    self._transform(kind),
+                    self.image_loader(kind),
+                )
+        log.info("Split of %s (seed %d):\n%s", self.root, self.seed, self.counts.to_string())
+        if self.face_stage_settings is not None:
+            log.info("Face crops are cached under %s", self.cache_dir / "faces")
+        elif self.uses_image_cache:
+            log.info("Decoded images are cached under %s", self.cache_dir / "images")
+
+    def _setup_faces(self, label_index: dict[str, int]) -> None:
+        """Build datasets of face crops, one sample per face, split by source image."""
+        cache = FaceCropCache(self.cache_dir, self.preprocessing, self.face_stage_settings)
+        manifest = self.manifest
+        searches = cache.prepare(
+            [self.root / p for p in manifest["path"]], list(manifest["sha256"])
+        )
+        manifest["faces"] = [searches[sha].faces for sha in manifest["sha256"]]
         for split in SPLIT_NAMES:
-            rows = self.manifest[self.manifest["split"] == split]
+            rows = manifest[manifest["split"] == split]
+            paths, labels, keys = [], [], []
+            for path, label, sha in zip(rows["path"], rows["label"], rows["sha256"], strict=True):
+                for index in range(len(searches[sha].regions)):
+                    paths.append(self.root / path)
+                    labels.append(label_index[label])
+                    keys.append(f"{sha}-{index}")
             kind = "train" if split == "train" else "eval"
             self.datasets[split] = ImageFolderDataset(
-                [self.root / p for p in rows["path"]],
-                [label_index[label] for label in rows["label"]],
-                list(rows["sha256"]),
-                self._transform(kind),
-                self.image_loader(kind),
+                paths, labels, keys, self._transform(kind), cache.loader(kind)
             )
-        log.info("Split of %s (seed %d):\n%s", self.root, self.seed, self.counts.to_string())
-        if self.uses_image_cache:
-            log.info("Decoded images are cached under %s", self.cache_dir / "images")
+            summary = FaceSummary.of([searches[sha] for sha in rows["sha256"]])
+            self.face_summary[split] = summary
+            log.info(
+                "%s: %d images, %d faces, %d images with several faces, %d without a face "
+                "(used whole)",
+                split,
+                summary.images,
+                summary.faces,
+                summary.multi_face_images,
+                summary.fallback_images,
+            )
+
+    def split_images(self, split: str) -> tuple[list[Path], list[int]]:
+        """Return the source images of one split and their class indices, one entry per image."""
+        if self.manifest is None:
+            raise RuntimeError("call setup() first")
+        rows = self.manifest[self.manifest["split"] == split]
+        label_index = {name: i for i, name in enumerate(self.classes)}
+        return [self.root / p for p in rows["path"]], [label_index[x] for x in rows["label"]]
 
     @property
     def uses_image_cache(self) -> bool:
@@ -210,7 +280,7 @@ class FaceMaskDataModule(L.LightningDataModule):
 
     def _transform(self, kind: str) -> Any:
         if kind == "train":
-            return build_train_transform(self.preprocessing, self.augmentation)
+            return build_train_transform(self.preprocessing, self.augmentation, self.framing)
         return build_eval_transform(self.preprocessing)
 
     @property
@@ -235,7 +305,8 @@ class FaceMaskDataModule(L.LightningDataModule):
         return split_counts(self.manifest)
 
     def split_paths(self, split: str) -> list[Path]:
-        """Return the image paths of one split, in the order its DataLoader yields them."""
+        """Return the image path of each sample of one split, in the order its DataLoader yields
+        them; with `faces`, an image with several faces appears once per face."""
         return list(self.datasets[split].paths)
 
     def _require_scan(self) -> ScanResult:

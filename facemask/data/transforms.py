@@ -113,6 +113,64 @@ class Augmentation:
         )
 
 
+@dataclass(frozen=True)
+class Framing:
+    """Augmentations that make framing, resolution and compression useless as class evidence.
+
+    Development photos differ by class in how they are framed (tight face crops against wider
+    web photos) and in size and quality, so a model can learn those instead of masks. Each
+    augmentation runs with its own probability; 0 turns it off.
+
+    Attributes:
+        zoom_out: Probability of shrinking the picture onto a larger canvas, filled with grey or
+            with the picture mirrored at its edges, as a wider shot of the same scene.
+        zoom_out_min: Smallest size of the shrunk picture relative to the canvas.
+        low_res: Probability of downscaling and upscaling again, as from a low-resolution camera.
+        low_res_min: Smallest downscale factor.
+        blur: Probability of a Gaussian blur with a kernel of 3 to 7 pixels.
+        jpeg: Probability of JPEG compression at quality 30 to 90.
+    """
+
+    zoom_out: float = 0.0
+    zoom_out_min: float = 0.5
+    low_res: float = 0.0
+    low_res_min: float = 0.2
+    blur: float = 0.0
+    jpeg: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("zoom_out", "low_res", "blur", "jpeg"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"framing.{name} is a probability, got {value}")
+        if not 0.1 <= self.zoom_out_min <= 1.0:
+            raise ValueError(f"framing.zoom_out_min must be in [0.1, 1], got {self.zoom_out_min}")
+        if not 0.05 <= self.low_res_min < 1.0:
+            raise ValueError(f"framing.low_res_min must be in [0.05, 1), got {self.low_res_min}")
+
+    def steps(self) -> list[A.BasicTransform]:
+        """Return the albumentations steps, to run on the model-sized picture."""
+        steps: list[A.BasicTransform] = []
+        if self.zoom_out > 0:
+            scale = (self.zoom_out_min, 1.0)
+            steps.append(
+                A.OneOf(
+                    [
+                        A.Affine(scale=scale, border_mode=cv2.BORDER_CONSTANT, fill=114, p=1.0),
+                        A.Affine(scale=scale, border_mode=cv2.BORDER_REFLECT_101, p=1.0),
+                    ],
+                    p=self.zoom_out,
+                )
+            )
+        if self.low_res > 0:
+            steps.append(A.Downscale(scale_range=(self.low_res_min, 0.9), p=self.low_res))
+        if self.blur > 0:
+            steps.append(A.GaussianBlur(blur_limit=(3, 7), p=self.blur))
+        if self.jpeg > 0:
+            steps.append(A.ImageCompression(quality_range=(30, 90), p=self.jpeg))
+        return steps
+
+
 def _normalise_and_tensor(pre: Preprocessing) -> list[A.BasicTransform]:
     return [A.Normalize(mean=pre.mean, std=pre.std, max_pixel_value=255.0), ToTensorV2()]
 
@@ -127,8 +185,10 @@ def build_eval_transform(pre: Preprocessing) -> A.Compose:
     return A.Compose([build_eval_resize(pre), *_normalise_and_tensor(pre)])
 
 
-def build_train_transform(pre: Preprocessing, aug: Augmentation) -> A.Compose:
-    """Build the training transform: random crop, flip, rotation and colour changes."""
+def build_train_transform(
+    pre: Preprocessing, aug: Augmentation, framing: Framing | None = None
+) -> A.Compose:
+    """Build the training transform: random crop, framing changes, flip, rotation and colour."""
     size = pre.image_size
     aug = aug.scaled()
     steps: list[A.BasicTransform] = []
@@ -140,6 +200,8 @@ def build_train_transform(pre: Preprocessing, aug: Augmentation) -> A.Compose:
         )
     else:
         steps.append(A.Resize(size, size, area_for_downscale="image"))
+    if framing is not None:
+        steps.extend(framing.steps())
     if aug.hflip > 0:
         steps.append(A.HorizontalFlip(p=aug.hflip))
     if aug.rotate > 0:

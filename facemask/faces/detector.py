@@ -13,8 +13,10 @@ checks its SHA-256 and stores it next to this module. Nothing is fetched at run 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import os
+import signal
 import threading
 import weakref
 from dataclasses import dataclass
@@ -143,6 +145,7 @@ class BlazeFaceDetector:
         self._local = threading.local()
         # Fails here, not at the first request, when MediaPipe cannot load the model.
         self._detector()
+        _ignore_profiler_signal()
 
     def _detector(self):
         detector = getattr(self._local, "detector", None)
@@ -186,6 +189,18 @@ class BlazeFaceDetector:
         return boxes
 
 
+def _ignore_profiler_signal() -> None:
+    """Ignore SIGPROF, whose default action ends the process.
+
+    The profiler compiled into MediaPipe's native library arms a SIGPROF timer for each of its
+    threads. A SIGPROF that arrives when no handler is installed (seen after a detector was
+    closed while training went on in the same process) kills the process with "Profiling timer
+    expired". Nothing in this project profiles with SIGPROF; py-spy samples from outside.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGPROF, signal.SIG_IGN)
+
+
 # MediaPipe detectors still open; closed before the interpreter tears modules down, because
 # MediaPipe's own finaliser fails once its modules are gone.
 _OPEN_DETECTORS: weakref.WeakSet = weakref.WeakSet()
@@ -194,10 +209,9 @@ _OPEN_DETECTORS: weakref.WeakSet = weakref.WeakSet()
 @atexit.register
 def _close_detectors() -> None:
     for detector in list(_OPEN_DETECTORS):
-        try:
+        # The process is exiting; a detector that fails to close loses nothing.
+        with contextlib.suppress(Exception):
             detector.close()
-        except Exception:  # noqa: BLE001 - the process is exiting; nothing is lost
-            pass
 
 
 DETECTORS = {BlazeFaceDetector.name: BlazeFaceDetector}

@@ -37,12 +37,18 @@ def write_data_artifacts(datamodule: FaceMaskDataModule, folder: Path) -> list[P
 
 
 def data_metrics(datamodule: FaceMaskDataModule) -> dict[str, float]:
-    """Return image counts per split and class, and the skipped file count, as metrics."""
+    """Return image counts per split and class, the skipped file count and, when training on
+    faces, the faces, images used whole (no face found) and samples per split, as metrics."""
     metrics = {"data/skipped_files": float(len(datamodule.skipped))}
     counts = datamodule.counts
     for split, row in counts.iterrows():
         for column, value in row.items():
             metrics[f"data/{split}/{column}"] = float(value)
+    for split, summary in datamodule.face_summary.items():
+        metrics[f"faces/{split}/faces"] = float(summary.faces)
+        metrics[f"faces/{split}/fallback_images"] = float(summary.fallback_images)
+        metrics[f"faces/{split}/multi_face_images"] = float(summary.multi_face_images)
+        metrics[f"faces/{split}/samples"] = float(summary.samples)
     return metrics
 
 
