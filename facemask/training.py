@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from facemask.checks import list_ood_files, run_checks
 from facemask.data.datamodule import FaceMaskDataModule
 from facemask.distributed import check_launch, stop_started_processes
 from facemask.models.classifier import FaceMaskClassifier
@@ -106,6 +107,9 @@ def build_components(cfg: DictConfig) -> tuple[FaceMaskDataModule, FaceMaskClass
     datamodule: FaceMaskDataModule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    if datamodule.ood_root is not None and cfg.checks.ood:
+        # A wrong OOD folder fails now, not after the training.
+        list_ood_files(datamodule.ood_root, datamodule.classes)
     model: FaceMaskClassifier = instantiate(cfg.model, class_names=datamodule.classes)
     return datamodule, model
 
@@ -245,6 +249,7 @@ def _run(
     best_path, val_score, test_metrics = _fit_and_test(cfg, trainer, datamodule, model)
     log_test_reports(client, run_id, model.test_results, datamodule.classes, output_dir)
     log_reference(client, run_id, build_reference(datamodule, model.test_results), output_dir)
+    test_metrics.update(_run_checks(cfg, client, run_id, datamodule, model, output_dir))
 
     registration = _log_and_register(cfg, run_id, datamodule, model, test_metrics)
     run = client.get_run(run_id)
@@ -259,6 +264,40 @@ def _run(
         registration=registration,
         artifact_uri=run.info.artifact_uri,
     )
+
+
+def _run_checks(
+    cfg: DictConfig,
+    client: MlflowClient,
+    run_id: str,
+    datamodule: FaceMaskDataModule,
+    model: FaceMaskClassifier,
+    output_dir: Path,
+) -> dict[str, float]:
+    """Run the out-of-distribution, framing and Grad-CAM checks on the tested model.
+
+    A check that fails is logged with its traceback and tagged on the run; the trained model
+    is still logged and registered.
+    """
+    test_paths, test_labels = datamodule.split_images("test")
+    try:
+        return run_checks(
+            client=client,
+            run_id=run_id,
+            model=model.probability_model().eval(),
+            class_names=datamodule.classes,
+            preprocessing=datamodule.preprocessing,
+            face_stage=datamodule.face_stage_settings,
+            test_paths=test_paths,
+            test_labels=test_labels,
+            ood_root=datamodule.ood_root,
+            output_dir=output_dir,
+            settings=OmegaConf.to_container(cfg.checks, resolve=True),
+        )
+    except Exception as exc:
+        log.exception("The end-of-training checks failed; the model is still logged")
+        client.set_tag(run_id, "checks.error", f"{type(exc).__name__}: {exc}"[:5000])
+        return {}
 
 
 def _log_and_register(
@@ -318,7 +357,20 @@ def format_summary(result: TrainingResult) -> str:
         rows.append(("Model URI", f"models:/{reg.model_name}/{reg.version}"))
     elif reg is not None:
         rows.append(("Logged model", f"{reg.model_uri} (not registered: {reg.reason})"))
-    for key in ("test/acc", "test/balanced_acc", "test/f1", "test/auroc", "test/loss"):
+    for key in (
+        "test/acc",
+        "test/balanced_acc",
+        "test/f1",
+        "test/auroc",
+        "test/loss",
+        "ood/acc",
+        "ood/balanced_acc",
+        "framing/as_is_acc",
+        "framing/face_crop_acc",
+        "framing/zoom_out_acc",
+        "cam/in_face_share",
+        "cam/face_area_share",
+    ):
         if key in result.test_metrics:
             rows.append((key, f"{result.test_metrics[key]:.4f}"))
     rows.append(("Artifacts", result.artifact_uri))

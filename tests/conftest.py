@@ -23,6 +23,18 @@ def real_data_root() -> Path:
     return REAL_DATA_ROOT
 
 
+# Pictures from other sources, for evaluation only; next to the development data set.
+REAL_OOD_ROOT = REAL_DATA_ROOT.parent / "facemask-ood"
+
+
+@pytest.fixture(scope="session")
+def real_ood_root() -> Path:
+    """Return the OOD mask / no_mask folder, skipping the test if it is missing."""
+    if not REAL_OOD_ROOT.is_dir():
+        pytest.skip(f"OOD data set not found at {REAL_OOD_ROOT}; place facemask-ood there")
+    return REAL_OOD_ROOT
+
+
 def encode_image(img: Image.Image, file_format: str, **params: object) -> bytes:
     """Return `img` saved in `file_format` with Pillow's save `params`."""
     buffer = io.BytesIO()

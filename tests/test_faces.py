@@ -152,7 +152,8 @@ def test_face_crops_split_by_photo(face_data, tmp_path, monkeypatch):
         shas = {key.rsplit("-", 1)[0] for key in dataset.sha256s}
         assert {split_of[sha] for sha in shas} <= {split}
         summary = datamodule.face_summary[split]
-        assert len(dataset) == summary.samples == summary.faces + summary.fallback_images
+        assert len(dataset) == summary.samples
+        assert summary.samples == summary.faces + summary.fallback_images
         assert summary.images == (manifest["split"] == split).sum()
         total += summary.faces
         image, label = dataset[0]
@@ -169,6 +170,26 @@ def test_face_crops_split_by_photo(face_data, tmp_path, monkeypatch):
     monkeypatch.setattr(face_crops, "FaceStage", no_detector)
     again = face_datamodule(face_data, tmp_path / "cache")
     assert list(again.datasets["train"].sha256s) == list(datamodule.datasets["train"].sha256s)
+
+
+def test_largest_face_only(face_data, tmp_path):
+    from facemask.data.datamodule import FaceMaskDataModule
+
+    datamodule = FaceMaskDataModule(
+        face_data,
+        image_size=64,
+        num_workers=0,
+        cache_dir=tmp_path / "cache",
+        faces=True,
+        face_samples="largest",
+    )
+    datamodule.setup("fit")
+    for split, dataset in datamodule.datasets.items():
+        assert len(dataset) == datamodule.face_summary[split].images
+    group = datamodule.manifest[datamodule.manifest["path"] == GROUP_PHOTO].iloc[0]
+    split = datamodule.datasets[group["split"]]
+    keys = [key for key in split.sha256s if key.startswith(group["sha256"])]
+    assert len(keys) == 1
 
 
 def test_faces_need_a_cache_folder(face_data):

@@ -39,12 +39,14 @@ from facemask.data.transforms import (
     build_eval_transform,
     build_train_transform,
 )
-from facemask.faces.stage import FaceStageSettings
+from facemask.faces.stage import FaceSearch, FaceStageSettings
 
 log = logging.getLogger(__name__)
 
 
 ImageLoader = ImageCache | FileDecoder | FaceCropLoader
+
+FACE_SAMPLES = ("all", "largest")
 
 
 class ImageFolderDataset(Dataset):
@@ -133,6 +135,9 @@ class FaceMaskDataModule(L.LightningDataModule):
             per face, the whole image when none is found (see `facemask.data.face_crops`).
             Needs `cache_dir`.
         face_stage: Keyword arguments of `facemask.faces.stage.FaceStageSettings`.
+        face_samples: `all` makes every detected face a sample with its image's label;
+            `largest` keeps only the largest face of each image, because the label of a photo
+            describes its main subject and people in the background may differ.
         ood_root: A class-folder dataset from another source, evaluated at the end of training
             and never trained on; None skips that check.
     """
@@ -158,6 +163,7 @@ class FaceMaskDataModule(L.LightningDataModule):
         framing: dict[str, Any] | None = None,
         faces: bool = False,
         face_stage: dict[str, Any] | None = None,
+        face_samples: str = "all",
         ood_root: str | Path | None = None,
     ):
         super().__init__()
@@ -186,6 +192,11 @@ class FaceMaskDataModule(L.LightningDataModule):
             raise ValueError(
                 "data.faces=true keeps the face crops under data.cache_dir; set data.cache_dir"
             )
+        if face_samples not in FACE_SAMPLES:
+            raise ValueError(
+                f"data.face_samples must be one of {FACE_SAMPLES}, got {face_samples!r}"
+            )
+        self.face_samples = face_samples
         self.ood_root = Path(ood_root).expanduser().resolve() if ood_root else None
         self.face_summary: dict[str, FaceSummary] = {}
         # Invalid DataLoader settings fail here, before a training run starts.
@@ -239,7 +250,7 @@ class FaceMaskDataModule(L.LightningDataModule):
             rows = manifest[manifest["split"] == split]
             paths, labels, keys = [], [], []
             for path, label, sha in zip(rows["path"], rows["label"], rows["sha256"], strict=True):
-                for index in range(len(searches[sha].regions)):
+                for index in self._sample_regions(searches[sha]):
                     paths.append(self.root / path)
                     labels.append(label_index[label])
                     keys.append(f"{sha}-{index}")
@@ -247,7 +258,7 @@ class FaceMaskDataModule(L.LightningDataModule):
             self.datasets[split] = ImageFolderDataset(
                 paths, labels, keys, self._transform(kind), cache.loader(kind)
             )
-            summary = FaceSummary.of([searches[sha] for sha in rows["sha256"]])
+            summary = FaceSummary.of([searches[sha] for sha in rows["sha256"]], len(paths))
             self.face_summary[split] = summary
             log.info(
                 "%s: %d images, %d faces, %d images with several faces, %d without a face "
@@ -258,6 +269,13 @@ class FaceMaskDataModule(L.LightningDataModule):
                 summary.multi_face_images,
                 summary.fallback_images,
             )
+
+    def _sample_regions(self, search: FaceSearch) -> list[int]:
+        """Return the indices of the regions of one image that become samples."""
+        if self.face_samples == "largest":
+            areas = [region.box.area for region in search.regions]
+            return [int(np.argmax(areas))]
+        return list(range(len(search.regions)))
 
     def split_images(self, split: str) -> tuple[list[Path], list[int]]:
         """Return the source images of one split and their class indices, one entry per image."""

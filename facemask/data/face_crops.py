@@ -56,24 +56,23 @@ class FaceSummary:
         faces: Faces found in them.
         fallback_images: Images without a detected face, used whole.
         multi_face_images: Images with more than one face.
+        samples: Training or evaluation samples made of them (faces and whole images).
     """
 
     images: int
     faces: int
     fallback_images: int
     multi_face_images: int
-
-    @property
-    def samples(self) -> int:
-        return self.faces + self.fallback_images
+    samples: int
 
     @classmethod
-    def of(cls, searches: Sequence[FaceSearch]) -> FaceSummary:
+    def of(cls, searches: Sequence[FaceSearch], samples: int) -> FaceSummary:
         return cls(
             images=len(searches),
             faces=sum(s.faces for s in searches),
             fallback_images=sum(s.fallback for s in searches),
             multi_face_images=sum(s.faces > 1 for s in searches),
+            samples=samples,
         )
 
 
