@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Extra Hydra overrides for `make train`, e.g. make train ARGS="data.root=PATH model.pretrained=false"
 ARGS ?=
+# The face detector's model file; `facemask fetch-face-model` installs it (gitignored).
+FACE_MODEL := facemask/faces/models/face_detection_short_range.tflite
 
 # MLflow, Evidently and albumentations call home on import unless told not to.
 export MLFLOW_DISABLE_TELEMETRY ?= true
@@ -22,10 +24,16 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	# The lock is complete and hashed: pip installs exactly those files and resolves nothing.
 	$(PY) -m pip install --no-deps --require-hashes -r requirements.lock
 	$(PY) -m pip install --no-deps -e .
-	$(PY) -m pip check
+	# Fails on any broken requirement except mediapipe's opencv-contrib-python, which is left out
+	# on purpose (requirements-nodeps.in).
+	$(PY) scripts/pip_check.py
 	touch $@
 
-setup: $(VENV)/.installed ## Create .venv and install the pinned dependencies
+# Downloads the pinned mediapipe 0.10.21 wheel once and extracts the model from it.
+$(FACE_MODEL): | $(VENV)/.installed
+	$(VENV)/bin/facemask fetch-face-model
+
+setup: $(VENV)/.installed $(FACE_MODEL) ## Create .venv, install the pinned dependencies and the face model
 
 train: setup ## Train 5 epochs on data/raw (downloaded if empty), then register the model
 	$(PY) train.py data.download=true trainer.max_epochs=5 $(ARGS)
@@ -52,8 +60,12 @@ lock: ## Regenerate requirements.lock, with hashes, from requirements*.in in a f
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install --upgrade pip
 	.lock-venv/bin/pip install -r requirements.in -r requirements-dev.in
+	.lock-venv/bin/pip install --no-deps -r requirements-nodeps.in
+	.lock-venv/bin/python scripts/pip_check.py
 	# --all keeps setuptools, which torch requires at run time; pip itself is upgraded apart.
-	.lock-venv/bin/pip freeze --all --exclude-editable | grep -v "^pip==" > requirements.lock
+	# `sort -f` in the C locale keeps the order of the committed lock, so diffs show real changes.
+	.lock-venv/bin/pip freeze --all --exclude-editable | grep -v "^pip==" | LC_ALL=C sort -f \
+		> requirements.lock
 	.lock-venv/bin/python scripts/add_lock_hashes.py requirements.lock
 	rm -rf .lock-venv
 

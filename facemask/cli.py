@@ -7,6 +7,7 @@ import logging
 
 from facemask.compare import add_compare_arguments, run_compare
 from facemask.export import LOG_FORMAT, add_export_arguments, run_export
+from facemask.faces.fetch import add_fetch_arguments, run_fetch
 from facemask.settings import configure_environment
 
 
@@ -36,6 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("overrides", nargs=argparse.REMAINDER, help="KEY=VALUE overrides")
     evaluate.set_defaults(handler=_run_evaluate)
+    fetch = commands.add_parser(
+        "fetch-face-model",
+        help="download the face detector's model file (BlazeFace) and check its SHA-256",
+        description="Take the BlazeFace model file from the pinned mediapipe 0.10.21 wheel, check "
+        "its SHA-256 and install it where the face detector loads it. Does nothing when the file "
+        "is already installed.",
+    )
+    add_fetch_arguments(fetch)
+    fetch.set_defaults(handler=run_fetch)
     return parser
 
 

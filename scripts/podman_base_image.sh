@@ -13,11 +13,12 @@ TAG="${1:-docker.io/library/python:3.11-slim}"
 SUITE="${DEBIAN_SUITE:-bookworm}"
 CONF=/etc/containers/containers.conf
 
+# catatonit is the init process of the pods that `podman kube play` starts.
 if ! command -v podman >/dev/null || ! command -v runc >/dev/null \
-    || ! command -v mmdebstrap >/dev/null; then
+    || ! command -v mmdebstrap >/dev/null || ! command -v catatonit >/dev/null; then
     apt-get update
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        podman runc mmdebstrap uidmap slirp4netns
+        podman runc mmdebstrap uidmap slirp4netns catatonit
 fi
 
 # The packages above bring runc but not crun, Podman's default runtime, so the config selects

@@ -37,8 +37,16 @@ pytestmark = [
 ]
 
 ROOT = project_root()
-# What the Dockerfile copies; the test builds from a copy with its own exported model.
-CONTEXT_FILES = ("Dockerfile", ".dockerignore", "serve.py", "requirements-serve.txt")
+# What the Dockerfile copies; the test builds from a copy with its own exported model. The face
+# detector's model file comes with facemask/.
+CONTEXT_FILES = (
+    "Dockerfile",
+    ".dockerignore",
+    "serve.py",
+    "requirements-serve.txt",
+    "requirements-nodeps.in",
+    "scripts/pip_check.py",
+)
 CONTEXT_DIRS = ("facemask", "conf", "wheels")
 BUILD_TIMEOUT_S = 1200
 READY_TIMEOUT_S = 180
@@ -61,6 +69,7 @@ def _build_context(target: Path, trained_model: TrainedModel) -> Path:
     from facemask.export import export_model
 
     for name in CONTEXT_FILES:
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, target / name)
     for name in CONTEXT_DIRS:
         # Hard links keep the torch wheel in wheels/ from being copied byte by byte.
@@ -131,6 +140,25 @@ def test_image_lacks_training_packages(image: str):
     result = _podman("run", "--rm", "--entrypoint", "python", image, "-c", script)
 
     assert result.stdout.strip() == "[]"
+
+
+def test_image_finds_face_without_torch(image: str, real_data_root: Path):
+    # The ONNX serving path must stay free of torch, and the face stage is part of it.
+    script = (
+        "import sys; from PIL import Image; import numpy as np; "
+        "from facemask.faces import FaceStage; "
+        "rgb = np.asarray(Image.open('/photo.jpg').convert('RGB')); "
+        "print(FaceStage().search(rgb).faces, 'torch' in sys.modules)"
+    )
+    photo = real_data_root / PHOTO
+    result = _podman(
+        "run", "--rm", "--volume", f"{photo}:/photo.jpg:ro", "--entrypoint", "python", image,
+        "-c", script,
+    )  # fmt: skip
+    faces, torch_loaded = result.stdout.split()
+
+    assert int(faces) >= 1, result.stdout + result.stderr
+    assert torch_loaded == "False", result.stdout + result.stderr
 
 
 def test_container_serves_and_stops_cleanly(container: tuple[str, str], real_data_root: Path):
