@@ -11,10 +11,10 @@ Layout under the cache folder, next to the decoded-image cache:
     CACHE_DIR/faces/<digest>/search/<sha256[:2]>/<sha256>.json      regions found in the image
     CACHE_DIR/faces/<digest>/<kind>-<image_size>/<key[:2]>/<key>.rgb  one crop, key = <sha256>-<i>
 
-`<digest>` covers the face stage settings, the decode settings and the library versions, so other
-settings never read these entries. Crops are written before the search file, and the search file
-is renamed into place last, so an interrupted preparation leaves no image half done: the next run
-redoes the images without a search file.
+`<digest>` covers the face stage settings and rule version, the image size, the decode settings
+and the library versions, so other settings never read these entries. Crops are written before
+the search file, and the search file is renamed into place last, so an interrupted preparation
+leaves no image half done: the next run redoes the images without a search file.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from facemask.data.image_cache import (
 )
 from facemask.data.images import InvalidImageError, decode_image
 from facemask.data.transforms import Preprocessing, build_eval_resize
-from facemask.faces.stage import FaceSearch, FaceStage, FaceStageSettings
+from facemask.faces.stage import STAGE_RULE_VERSION, FaceSearch, FaceStage, FaceStageSettings
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,8 @@ class FaceCropCache:
         key = json.dumps(
             {
                 "images": settings_digest(pre),
+                "image_size": pre.image_size,
+                "stage_rule": STAGE_RULE_VERSION,
                 "faces": settings.to_dict(),
                 "draft_size": self.draft_size,
                 "mediapipe": _version("mediapipe"),

@@ -30,6 +30,9 @@ from facemask.faces.detector import FaceBox, FaceDetector, build_detector
 
 GREY = 128
 
+# Bump when the rule below changes what a search finds, so that cached searches are redone.
+STAGE_RULE_VERSION = 1
+
 
 @dataclass(frozen=True)
 class FaceStageSettings:
