@@ -31,6 +31,10 @@ LARGE_JPEGS = ("mask/with_mask175.jpg", "mask/with_mask361.jpg")
 OTHER_FORMATS = ("mask/with_mask014.png", "mask/image_5.png", "mask/black10.webp")
 SMALL = ("mask/0_0_0 copy 10.jpg", "mask/0_0_0 copy 2.png")
 
+# Other tests in this process run MediaPipe's face detector, whose threads can leave a forked
+# worker waiting forever on a lock, so workers start from a fresh forkserver process.
+WORKER_START = "forkserver"
+
 
 def _copy(real_data_root: Path, target: Path, relpaths: tuple[str, ...]) -> Path:
     for relpath in relpaths:
@@ -250,7 +254,7 @@ def test_concurrent_workers_share_entries(photos: Path, tmp_path: Path):
         single.transform,
         single.image_loader,
     )
-    loader = DataLoader(repeated, batch_size=2, num_workers=2)
+    loader = DataLoader(repeated, batch_size=2, num_workers=2, multiprocessing_context=WORKER_START)
     batches = torch.cat([images for images, _ in loader])
 
     for index, path in enumerate(repeated.paths):
@@ -268,7 +272,9 @@ def test_workers_draw_different_augmentations(photos: Path, tmp_path: Path):
     same_image = ImageFolderDataset(
         train.paths[:1] * 8, [0] * 8, train.sha256s[:1] * 8, train.transform, train.image_loader
     )
-    loader = DataLoader(same_image, batch_size=1, num_workers=2)
+    loader = DataLoader(
+        same_image, batch_size=1, num_workers=2, multiprocessing_context=WORKER_START
+    )
     images = [batch for batch, _ in loader]
     # Batches alternate between the two workers, so 0 and 1 come from different workers.
     assert not torch.equal(images[0], images[1])

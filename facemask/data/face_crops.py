@@ -22,9 +22,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,7 +117,8 @@ class FaceCropCache:
             sort_keys=True,
         )
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-        self.root = Path(cache_dir).expanduser() / "faces" / digest
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.root = self.cache_dir / "faces" / digest
         self._stage: FaceStage | None = None
 
     def search_path(self, sha256: str) -> Path:
@@ -154,9 +157,30 @@ class FaceCropCache:
                 len(searches),
                 self.root,
             )
-            for path, sha in tqdm(todo, desc="Finding faces", unit="img", dynamic_ncols=True):
-                searches[sha] = self._search_and_store(path, sha)
+            searches.update(self._search_in_subprocesses(todo))
         return searches
+
+    def _search_in_subprocesses(self, todo: list[tuple[Path, str]]) -> dict[str, FaceSearch]:
+        """Search and store `todo` in spawned processes, never in this one.
+
+        MediaPipe starts threads. A process that forks DataLoader workers after that can leave
+        a worker waiting forever on a lock that a thread held at the fork, so the detector runs
+        only in processes that are started fresh and fork nothing.
+        """
+        workers = max(1, min(len(os.sched_getaffinity(0)), 4, len(todo) // 50 or 1))
+        chunk = max(1, min(64, len(todo) // (workers * 4) or 1))
+        found: dict[str, FaceSearch] = {}
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            results = pool.map(
+                _search_one,
+                [(self.cache_dir, self.pre, self.settings, path, sha) for path, sha in todo],
+                chunksize=chunk,
+            )
+            progress = tqdm(results, total=len(todo), desc="Finding faces", unit="img")
+            for (_, sha), search in zip(todo, progress, strict=True):
+                found[sha] = FaceSearch.from_dict(search)
+        return found
 
     def _read_search(self, sha256: str) -> FaceSearch | None:
         path = self.search_path(sha256)
@@ -190,6 +214,19 @@ class FaceCropCache:
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; use one of {KINDS}")
         return FaceCropLoader(self.crop_folder(kind))
+
+
+_WORKER_CACHES: dict[tuple, FaceCropCache] = {}
+
+
+def _search_one(args: tuple[Path, Preprocessing, FaceStageSettings, Path, str]) -> dict:
+    """Search one image in a worker process and return the search as a dictionary."""
+    cache_dir, pre, settings, path, sha256 = args
+    key = (cache_dir, pre, settings)
+    cache = _WORKER_CACHES.get(key)
+    if cache is None:
+        cache = _WORKER_CACHES[key] = FaceCropCache(cache_dir, pre, settings)
+    return cache._search_and_store(path, sha256).to_dict()
 
 
 class FaceCropLoader:

@@ -18,7 +18,6 @@ import hashlib
 import os
 import signal
 import threading
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -161,7 +160,7 @@ class BlazeFaceDetector:
             )
             detector = vision.FaceDetector.create_from_options(options)
             self._local.detector = detector
-            _OPEN_DETECTORS.add(detector)
+            _OPEN_DETECTORS.append(detector)
         return detector
 
     def detect(self, rgb: np.ndarray) -> list[FaceBox]:
@@ -201,9 +200,10 @@ def _ignore_profiler_signal() -> None:
         signal.signal(signal.SIGPROF, signal.SIG_IGN)
 
 
-# MediaPipe detectors still open; closed before the interpreter tears modules down, because
-# MediaPipe's own finaliser fails once its modules are gone.
-_OPEN_DETECTORS: weakref.WeakSet = weakref.WeakSet()
+# Every MediaPipe detector this process opened. They stay referenced until the exit hook closes
+# them: MediaPipe's finaliser fails once modules are torn down, and a detector freed by the
+# cycle collector can wait forever on a worker thread the same collection already stopped.
+_OPEN_DETECTORS: list = []
 
 
 @atexit.register
@@ -217,10 +217,22 @@ def _close_detectors() -> None:
 DETECTORS = {BlazeFaceDetector.name: BlazeFaceDetector}
 
 
+_BUILT: dict[tuple[str, float, str], FaceDetector] = {}
+_BUILT_LOCK = threading.Lock()
+
+
 def build_detector(name: str, min_score: float) -> FaceDetector:
-    """Build a registered detector by name."""
-    try:
-        factory = DETECTORS[name]
-    except KeyError:
-        raise ValueError(f"unknown face detector {name!r}; known: {sorted(DETECTORS)}") from None
-    return factory(min_score=min_score)
+    """Return the registered detector `name`, built once per process and settings.
+
+    Detectors are shared because they are never freed before the process exits (see
+    `_OPEN_DETECTORS`), and each one holds its model and threads.
+    """
+    if name not in DETECTORS:
+        raise ValueError(f"unknown face detector {name!r}; known: {sorted(DETECTORS)}")
+    # The models folder is part of the key, so a process that points it elsewhere loads anew.
+    key = (name, min_score, str(MODELS_DIR))
+    with _BUILT_LOCK:
+        detector = _BUILT.get(key)
+        if detector is None:
+            detector = _BUILT[key] = DETECTORS[name](min_score=min_score)
+        return detector
