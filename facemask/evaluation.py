@@ -35,6 +35,8 @@ from facemask.data.scan import (
     scan_dataset,
 )
 from facemask.data.transforms import build_eval_transform, image_to_tensor
+from facemask.faces.pipeline import classify_faces
+from facemask.faces.stage import FaceStage
 from facemask.serving.model_store import ModelBundle, ModelLoadError, load_model_bundle
 from facemask.settings import configure_environment, project_root
 
@@ -78,33 +80,57 @@ def map_classes(folder_classes: Sequence[str], model_classes: Sequence[str]) -> 
     return {name: list(model_classes).index(name) for name in folder_classes}
 
 
-def predict_dataset(bundle: ModelBundle, scan: ScanResult, batch_size: int) -> Predictions:
-    """Preprocess every scanned image as serving does and run the model in batches."""
+def predict_dataset(
+    bundle: ModelBundle, scan: ScanResult, batch_size: int, faces: bool = True
+) -> Predictions:
+    """Classify every scanned image as serving does: by its faces, or whole.
+
+    With `faces` and a model that carries face stage settings, each picture goes through the
+    face stage and is classified by `facemask.faces.pipeline.classify_faces` (the picture is
+    `no_mask` when any face is). Otherwise pictures are classified whole, in batches.
+    """
     if batch_size < 1:
         raise EvaluationError(f"data.batch_size={batch_size} is invalid; use 1 or more.")
     index_of = map_classes(scan.classes, bundle.class_names)
     pre = bundle.preprocessing
     transform = build_eval_transform(pre)
+    stage = FaceStage(bundle.face_stage) if faces and bundle.face_stage is not None else None
+    draft_size = (
+        bundle.face_stage.draft_size(pre.image_size, pre.jpeg_draft) if stage else pre.draft_size
+    )
     records: list[ImageRecord] = []
     skipped = list(scan.skipped)
     batches: list[np.ndarray] = []
     pending: list[torch.Tensor] = []
     pending_records: list[ImageRecord] = []
 
-    def flush() -> None:
+    def infer(batch: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
-            output = bundle.model(torch.stack(pending).float())
-        batches.append(output.float().cpu().numpy())
+            return bundle.model(batch.float()).float().cpu().numpy()
+
+    def flush() -> None:
+        batches.append(infer(torch.stack(pending)))
         records.extend(pending_records)
         pending.clear()
         pending_records.clear()
 
     for record in tqdm(scan.records, desc="Evaluating", unit="img"):
         try:
-            image = decode_image(record.path, draft_size=pre.draft_size).image
+            image = decode_image(record.path, draft_size=draft_size).image
         except (InvalidImageError, OSError) as exc:
             # The file changed or vanished after the scan checked it.
             skipped.append(SkippedFile(record.relpath, record.label, str(exc)))
+            continue
+        if stage is not None:
+            result = classify_faces(
+                np.asarray(image),
+                stage,
+                lambda crop: transform(image=crop)["image"].numpy(),
+                lambda batch: infer(torch.from_numpy(batch)),
+                bundle.class_names,
+            )
+            batches.append(np.array([[result.probabilities[n] for n in bundle.class_names]]))
+            records.append(record)
             continue
         pending.append(image_to_tensor(image, transform))
         pending_records.append(record)
@@ -189,7 +215,9 @@ def evaluate(cfg: DictConfig) -> Path:
     cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else None
     scan = scan_dataset(data_root, cache_dir=cache_dir, workers=cfg.data.scan_workers)
     map_classes(scan.classes, bundle.class_names)
-    predictions = predict_dataset(bundle, scan, int(cfg.data.batch_size))
+    predictions = predict_dataset(
+        bundle, scan, int(cfg.data.batch_size), faces=bool(cfg.get("faces", True))
+    )
     metrics = compute_metrics(predictions.targets, predictions.probs, bundle.class_names)
     out = Path(cfg.out).expanduser() if cfg.out else default_out_dir(bundle, data_root)
     write_report(

@@ -73,6 +73,7 @@ def main(cfg: DictConfig) -> None:
             runtime=settings.runtime,
             threads=settings.intra_op_threads,
             torch_dtype=settings.torch_dtype,
+            faces=settings.faces,
         )
     except ModelLoadError as exc:
         log.error("%s", exc)

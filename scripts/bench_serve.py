@@ -2,6 +2,7 @@
 
     python scripts/bench_serve.py --image PHOTO
     python scripts/bench_serve.py --image PHOTO --model-uri models:/facemask-classifier/1
+    python scripts/bench_serve.py --image GROUP_PHOTO --size 0 --compare-faces --concurrency 1,8
 
 One run measures, in this order:
 
@@ -16,6 +17,12 @@ One run measures, in this order:
    turns (`--rounds`): `/predict` latency (p50, p95, p99), throughput and the mean micro-batch
    size.
    Last, each server's peak resident memory (VmHWM) is read before it stops.
+
+With `--compare-faces`, the model-only phase and the targets are skipped, and the two servers
+are the service with the face stage on (`faces=true`) and off (`faces=false`), so the table
+shows what the face stage costs per request. `--size 0` sends the photo unchanged, which suits
+this comparison: detection cost depends on the picture, and every face found is one more model
+input.
 
 The measurements of the two sides take turns, so that load from other processes on a shared
 machine affects both sides of each ratio alike.
@@ -32,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import json
 import multiprocessing
 import os
 import platform
@@ -65,6 +73,8 @@ BASELINE_OVERRIDES = (
     "batching.max_batch_size=1",
     "inference_workers=1",
 )
+FACES_ON_OVERRIDES = ("faces=true",)
+FACES_OFF_OVERRIDES = ("faces=false",)
 # Targets of the service on the benchmark machine.
 P50_LIMIT_FACTOR = 1.3  # /predict p50 at concurrency 1 over the model-only batch-1 forward
 THROUGHPUT_TARGET_CONCURRENCY = 16
@@ -79,7 +89,12 @@ FORWARD_BLOCK = 10
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image", type=Path, required=True, help="a real photo to send")
-    parser.add_argument("--size", type=int, default=224, help="side of the sent JPEG, in pixels")
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=224,
+        help="side of the sent square JPEG, in pixels; 0 sends the photo unchanged (default: 224)",
+    )
     parser.add_argument("--model-uri", default=None, help="MLflow model URI (default: champion)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
     parser.add_argument(
@@ -115,13 +130,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ready-timeout", type=float, default=180.0, help="seconds to wait for GET /ready"
     )
     parser.add_argument("--skip-baseline", action="store_true", help="measure the service only")
+    parser.add_argument(
+        "--compare-faces",
+        action="store_true",
+        help="compare the service with the face stage on and off, without the model-only phase "
+        "and the targets",
+    )
     parser.add_argument("serve_overrides", nargs="*", help="extra serve.py overrides")
     args = parser.parse_args(argv)
     args.concurrency = sorted({int(value) for value in args.concurrency.split(",")})
-    if THROUGHPUT_TARGET_CONCURRENCY not in args.concurrency:
+    if THROUGHPUT_TARGET_CONCURRENCY not in args.concurrency and not args.compare_faces:
         args.concurrency = sorted({*args.concurrency, THROUGHPUT_TARGET_CONCURRENCY})
     if args.requests < 1 or args.rounds < 1:
         parser.error("--requests and --rounds must be positive")
+    if args.size < 0:
+        parser.error("--size must be 0 or more")
     if min(args.concurrency) < 1 or max(args.concurrency) > 64:
         parser.error("--concurrency values must be from 1 to 64")
     return args
@@ -142,6 +165,9 @@ def load_average() -> str:
 
 
 def jpeg_bytes(path: Path, size: int) -> bytes:
+    """Return the photo as a `size` x `size` JPEG, or its file unchanged when `size` is 0."""
+    if size == 0:
+        return path.read_bytes()
     image = Image.open(path).convert("RGB").resize((size, size))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=90)
@@ -481,6 +507,107 @@ def measure_servers(args: argparse.Namespace, payload: bytes) -> tuple[ServerRun
     return runs[0], runs[1] if len(runs) > 1 else None
 
 
+def faces_in_log(path: Path) -> int | None:
+    """Return the faces per class summed over the first line of a prediction log, if any."""
+    if not path.is_file():
+        return None
+    with path.open() as lines:
+        first = lines.readline()
+    counts = json.loads(first).get("face_counts") if first.strip() else None
+    return sum(counts.values()) if counts else None
+
+
+def measure_faces(args: argparse.Namespace, payload: bytes) -> tuple[ServerRun, ServerRun, int]:
+    """Start the service with the face stage on and off, load them in turns.
+
+    Returns both runs and the number of faces the service found in the payload.
+    """
+    servers: list[Server] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        on_log = Path(scratch) / "faces-on.jsonl"
+        try:
+            servers.append(start_server(args, "faces on", on_log, FACES_ON_OVERRIDES))
+            off_log = Path(scratch) / "faces-off.jsonl"
+            servers.append(start_server(args, "faces off", off_log, FACES_OFF_OVERRIDES))
+            for concurrency in args.concurrency:
+                measure_level(servers, payload, concurrency, args)
+        finally:
+            for server in servers:
+                stop_server(server)
+        faces = faces_in_log(on_log)
+    return servers[0].run, servers[1].run, faces if faces is not None else -1
+
+
+def faces_report(on: ServerRun, off: ServerRun) -> list[str]:
+    """Return the Markdown table of the service with the face stage on and off."""
+
+    def row(name: str, with_faces: float, without: float, unit: str = "") -> str:
+        ratio = f"{with_faces / without:.2f}x" if without else "-"
+        unit = f" {unit}" if unit else ""
+        return (
+            f"| {name} | {with_faces:.1f}{unit} | {without:.1f}{unit} | "
+            f"{with_faces - without:+.1f}{unit} | {ratio} |"
+        )
+
+    rows = [
+        "| measure | faces on | faces off | difference | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for key in ("p50", "p95", "p99"):
+        rows.append(
+            row(f"/predict {key}, concurrency 1", on.phases[1][key], off.phases[1][key], "ms")
+        )
+    for concurrency in on.phases:
+        with_faces, without = on.phases[concurrency], off.phases[concurrency]
+        rows.append(
+            row(
+                f"throughput, concurrency {concurrency}",
+                with_faces["throughput"],
+                without["throughput"],
+                "req/s",
+            )
+        )
+        rows.append(
+            row(
+                f"server time per image, concurrency {concurrency} (1 / throughput)",
+                1000 / with_faces["throughput"],
+                1000 / without["throughput"],
+                "ms",
+            )
+        )
+        rows.append(
+            row(
+                f"mean model inputs per call, concurrency {concurrency}",
+                with_faces["mean_batch"],
+                without["mean_batch"],
+            )
+        )
+    rows.append(row("server peak RSS", on.peak_rss_mib, off.peak_rss_mib, "MiB"))
+    rows.append(row("process start to /ready", on.ready_s, off.ready_s, "s"))
+    return rows
+
+
+def compare_faces(args: argparse.Namespace, payload: bytes) -> int:
+    """Run and print the face stage on/off comparison."""
+    if 1 not in args.concurrency:
+        args.concurrency = sorted({1, *args.concurrency})
+    load_start = load_average()
+    on, off, faces = measure_faces(args, payload)
+    print(f"host: {cpu_model()}, {os.cpu_count()} CPUs; Python {platform.python_version()}")
+    print(f"input: {len(payload)} byte file from {args.image.name}; faces found: {faces}")
+    print(
+        f"requests per phase: {args.requests} in {args.rounds} rounds, "
+        f"connections: {args.concurrency}"
+    )
+    print(f"servers: serve.py {' '.join(args.serve_overrides) or '(default settings)'}")
+    print(f"load average (1/5/15 min): {load_start} at start")
+    for run in (on, off):
+        print(f"  {run.label}: {run.load_before} at its start, {run.load_after} at its stop")
+    print()
+    print("\n".join(faces_report(on, off)))
+    return 0
+
+
 # Report --------------------------------------------------------------------------------------
 
 
@@ -611,6 +738,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = serve_settings(args)
     payload = jpeg_bytes(args.image, args.size)
+    if args.compare_faces:
+        return compare_faces(args, payload)
     load_start = load_average()
     # The models are timed in a child process, so torch and its threads stay out of the process
     # that sends the HTTP load. In the same process they added about 2 ms to the median latency.
@@ -623,7 +752,8 @@ def main(argv: list[str] | None = None) -> int:
         f"model: {settings.model_uri}, {models['image_size']} px input, "
         f"{settings.intra_op_threads} threads"
     )
-    print(f"input: {len(payload)} byte {args.size}x{args.size} JPEG from {args.image.name}")
+    shape = f"{args.size}x{args.size} JPEG" if args.size else "file"
+    print(f"input: {len(payload)} byte {shape} from {args.image.name}")
     print(
         f"requests per phase: {args.requests} in {args.rounds} rounds, "
         f"connections: {args.concurrency}"

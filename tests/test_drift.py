@@ -268,16 +268,43 @@ def test_prediction_summary_rates_and_range(large_reference, tmp_path) -> None:
     path = write_log(tmp_path / "predictions.jsonl", to_records(frame, start))
     summary = prediction_summary(load_prediction_log(path).frame)
 
+    # Lines without face fields, as written before faces were logged: one face per image.
     assert summary == {
         "status": "ok",
         "num_predictions": 10,
         "mask_rate": pytest.approx(0.7),
         "no_mask_rate": pytest.approx(0.3),
+        "num_faces": 10,
+        "face_counts": {"mask": 7, "no_mask": 3},
+        "images_without_face": 0,
         "time_range": {
             "start": "2026-12-04T17:00:00+00:00",
             "end": "2026-12-04T17:00:09+00:00",
         },
     }
+
+
+def test_prediction_summary_counts_faces(large_reference, tmp_path) -> None:
+    records = to_records(sample(large_reference, 4, seed=20), NOW - timedelta(minutes=5))
+    # A group photo with one unmasked face, an image without a face found, an image classified
+    # whole with the face stage off, and a line from before faces were logged.
+    records[0].update(label="no_mask", face_counts={"mask": 3, "no_mask": 1}, face_found=True)
+    records[1].update(label="mask", face_counts={"mask": 1, "no_mask": 0}, face_found=False)
+    records[2].update(label="no_mask", face_counts={"mask": 0, "no_mask": 1}, face_found=None)
+    records[3].update(label="mask")
+    bad = {**records[0], "face_counts": {"mask": -1}}
+    path = write_log(tmp_path / "predictions.jsonl", records, (json.dumps(bad),))
+
+    prediction_log = load_prediction_log(path)
+    summary = prediction_summary(prediction_log.frame)
+
+    assert prediction_log.skipped_lines == 1
+    assert list(prediction_log.frame["face_found"]) == [True, False, None, None]
+    assert summary["num_predictions"] == 4
+    assert summary["mask_rate"] == pytest.approx(0.5)
+    assert summary["num_faces"] == 7
+    assert summary["face_counts"] == {"mask": 5, "no_mask": 2}
+    assert summary["images_without_face"] == 1
 
 
 def test_prediction_summary_no_data(tmp_path) -> None:
@@ -463,6 +490,7 @@ def test_driftsummary_route(trained_model, large_reference, tmp_path) -> None:
     assert body["num_predictions"] == 8
     assert body["mask_rate"] == pytest.approx(0.75)
     assert body["no_mask_rate"] == pytest.approx(0.25)
+    assert body["face_counts"] == {"mask": 6, "no_mask": 2}
     recent = client.get("/driftsummary", params={"hours": 24}).json()
     assert recent["num_predictions"] == 4
     assert recent["no_mask_rate"] == 0.0
@@ -513,6 +541,8 @@ def test_drift_through_serving_app(trained_model, real_data_root: Path, tmp_path
     assert {"brightness", "width", "format"} <= set(body["columns"])
     assert summary["num_predictions"] == len(photos)
     assert summary["mask_rate"] + summary["no_mask_rate"] == pytest.approx(1.0)
+    assert summary["num_faces"] >= len(photos)
+    assert sum(summary["face_counts"].values()) == summary["num_faces"]
 
 
 # The command line.
@@ -547,6 +577,8 @@ def test_cli_writes_reports(reference_run, large_reference, tmp_path, capsys) ->
     summary = json.loads((out / "summary.json").read_text())
     assert summary["drift_detected"] is True
     assert summary["current_rows"] == 50
+    # drifted() labels every row no_mask, and each old-format line counts as one face.
+    assert summary["face_counts"] == {"mask": 0, "no_mask": 50}
     assert f"HTML report:  {out / 'drift_report.html'}" in printed
     assert '"confidence_drift": true' in printed
 

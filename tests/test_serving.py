@@ -145,16 +145,32 @@ def test_health_ready_and_info(make_client, bundle: ServedModel, trained_model: 
     assert info["input_size"] == [3, IMAGE_SIZE, IMAGE_SIZE]
     assert info["preprocessing"]["image_size"] == IMAGE_SIZE
     assert 0.0 <= info["test_metrics"]["test/acc"] <= 1.0
+    assert info["face_stage"]["enabled"] is True
+    assert info["face_stage"]["detector"] == "blazeface_short_range"
+    assert info["face_stage"]["settings"]["margin"] == 0.25
+    assert make_client(faces=False).get("/info").json()["face_stage"]["enabled"] is False
     assert client.get("/docs").status_code == 200
     assert "/predict/batch" in client.get("/openapi.json").json()["paths"]
 
 
+@pytest.mark.parametrize("switch", ["setting", "query"])
 @pytest.mark.parametrize("relative_path", REAL_FILES)
-def test_predict_matches_trained_module(
-    client, reference_model, bundle: ServedModel, real_data_root: Path, relative_path: str
+def test_predict_without_faces_matches_trained_module(
+    make_client,
+    reference_model,
+    bundle: ServedModel,
+    real_data_root: Path,
+    relative_path: str,
+    switch: str,
 ):
+    # With the face stage off, by setting or per request, the whole image is classified as
+    # training's test stage preprocesses it.
     path = real_data_root / relative_path
-    response = _post_file(client, path.read_bytes(), name=path.name)
+    if switch == "setting":
+        response = _post_file(make_client(faces=False), path.read_bytes(), name=path.name)
+    else:
+        params = {"faces": "false"}
+        response = _post_file(make_client(), path.read_bytes(), name=path.name, params=params)
 
     assert response.status_code == 200, response.text
     body = response.json()
@@ -168,6 +184,15 @@ def test_predict_matches_trained_module(
     assert body["label"] == ["mask", "no_mask"][int(served.argmax())]
     assert body["model_version"] == bundle.version
     assert body["request_id"] == response.headers["X-Request-ID"]
+    assert body["face_found"] is False
+    assert body["face_search"] is False
+    [whole] = body["faces"]
+    with Image.open(path) as img:
+        width, height = img.size
+    assert whole["box"] == [0.0, 0.0, width, height]
+    assert whole["score"] == 0.0
+    assert whole["probabilities"] == {"mask": body["mask"], "no_mask": body["no_mask"]}
+    assert body["counts"] == {"mask": 0, "no_mask": 0, body["label"]: 1}
 
 
 def test_predict_logs_one_line(client, real_data_root: Path, bundle: ServedModel):
@@ -181,6 +206,8 @@ def test_predict_logs_one_line(client, real_data_root: Path, bundle: ServedModel
     assert line["model_version"] == bundle.version
     assert line["probabilities"] == {"mask": body["mask"], "no_mask": body["no_mask"]}
     assert line["label"] == body["label"]
+    assert line["face_counts"] == body["counts"]
+    assert line["face_found"] == body["face_found"]
     assert line["latency_ms"] > 0
     assert line["timestamp"].endswith("+00:00")
     with Image.open(path) as img:
@@ -400,13 +427,17 @@ def test_request_id_header_and_access_log(client, odd_image_files, caplog):
     )
 
 
-def test_metrics_count_requests_and_predictions(client, odd_image_files, bundle: ServedModel):
-    label = _post_file(client, odd_image_files["grey.png"]).json()["label"]
+def test_metrics_count_requests_and_predictions(client, bundle: ServedModel):
+    # A flat image has no face, so it is classified whole and counts as one face.
+    flat = encode_image(Image.new("RGB", (64, 48), (128, 128, 128)), "PNG")
+    label = _post_file(client, flat).json()["label"]
     _post_file(client, b"not an image")
 
     text = client.get("/metrics").text
 
     assert f'facemask_predictions_total{{label="{label}"}} 1.0' in text
+    assert f'facemask_faces_total{{label="{label}"}} 1.0' in text
+    assert "facemask_images_without_face_total 1.0" in text
     assert (
         'facemask_http_requests_total{endpoint="/predict",method="POST",status="200"} 1.0' in text
     )
@@ -689,7 +720,10 @@ def test_batcher_stop_fails_queued_items():
     assert isinstance(failure, BatcherStoppedError)
 
 
-def test_prepare_decodes_jpeg_in_draft_mode(bundle: ServedModel, real_data_root: Path, monkeypatch):
+@pytest.mark.parametrize(("faces", "draft_size"), [(False, IMAGE_SIZE), (True, 512)])
+def test_prepare_decodes_jpeg_in_draft_mode(
+    bundle: ServedModel, real_data_root: Path, monkeypatch, faces: bool, draft_size: int
+):
     import facemask.serving.predictor as predictor_module
 
     calls: list[int | None] = []
@@ -701,9 +735,16 @@ def test_prepare_decodes_jpeg_in_draft_mode(bundle: ServedModel, real_data_root:
 
     monkeypatch.setattr(predictor_module, "decode_image", recording_decode)
     predictor = predictor_module.Predictor(bundle, max_pixels=50_000_000)
-    # 4912x3264 pixels: draft mode decodes it at 1/8 scale, 614x408.
-    prepared = predictor.prepare((real_data_root / "mask/with_mask104.jpg").read_bytes())
+    # 4912x3264 pixels: draft mode decodes it at 1/8 scale (614x408) for the 64-px model, and
+    # at 1/4 scale (1228x816) for the face stage, whose decode_side is 512 by default.
+    prepared = predictor.prepare((real_data_root / "mask/with_mask104.jpg").read_bytes(), faces)
 
-    assert calls == [IMAGE_SIZE]
+    assert calls == [draft_size]
     assert prepared.properties["width"] == 4912
-    assert prepared.array.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+    assert (prepared.width, prepared.height) == (4912, 3264)
+    decoded_width = 1228 if faces else 614
+    assert prepared.search.width == decoded_width
+    assert prepared.face_search is faces
+    assert len(prepared.arrays) == len(prepared.search.regions)
+    for array in prepared.arrays:
+        assert array.shape == (3, IMAGE_SIZE, IMAGE_SIZE)

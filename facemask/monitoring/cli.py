@@ -146,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         )
 
     summary = drift.drift_summary(reference, current, min_rows=args.min_rows)
+    summary.update(drift.face_summary(current))
     summary["model"] = {"name": name, "version": version, "run_id": run_id}
     summary["window"] = drift.describe_log(prediction_log, since, until)
     out_dir = args.out or project_root() / "reports" / "drift" / until.strftime("%Y%m%dT%H%M%SZ")

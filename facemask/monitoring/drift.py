@@ -15,7 +15,12 @@ from typing import Any
 
 import pandas as pd
 
-from facemask.monitoring.log_reader import PredictionLog, load_prediction_log, window_for_hours
+from facemask.monitoring.log_reader import (
+    FACE_COUNT_PREFIX,
+    PredictionLog,
+    load_prediction_log,
+    window_for_hours,
+)
 from facemask.monitoring.reference import (
     CATEGORICAL_INPUT_COLUMNS,
     NUMERICAL_INPUT_COLUMNS,
@@ -32,6 +37,7 @@ __all__ = [
     "clear_reference_cache",
     "describe_log",
     "drift_summary",
+    "face_summary",
     "load_prediction_log",
     "load_reference",
     "prediction_summary",
@@ -246,21 +252,62 @@ def write_report(
     return html_path, json_path
 
 
-def prediction_summary(current: pd.DataFrame) -> dict[str, Any]:
-    """Count the predictions and the share of each predicted class, with their time range."""
-    if current.empty:
-        return {"status": "no_data", "message": "no predictions have been logged in this window"}
+def _classes(current: pd.DataFrame) -> list[str]:
+    """Return the classes of the probability columns, then any other label or face class."""
     classes = [
         name.removeprefix(PROBABILITY_PREFIX)
         for name in current.columns
         if name.startswith(PROBABILITY_PREFIX)
     ]
+    others = set(current["label"].astype(str)) if "label" in current.columns else set()
+    others |= {
+        name.removeprefix(FACE_COUNT_PREFIX)
+        for name in current.columns
+        if name.startswith(FACE_COUNT_PREFIX)
+    }
+    return classes + sorted(others - set(classes))
+
+
+def face_summary(current: pd.DataFrame) -> dict[str, Any]:
+    """Count the faces per predicted class, and the images in which no face was found.
+
+    An image without a face found counts as one face of its label, so `num_faces` is at least
+    the number of images. `images_without_face` leaves out images that the face stage did not
+    search, whose `face_found` is unknown.
+    """
+    face_counts = {}
+    for name in _classes(current):
+        column = f"{FACE_COUNT_PREFIX}{name}"
+        if column in current.columns:
+            counts = pd.to_numeric(current[column], errors="coerce").fillna(0)
+            face_counts[name] = int(counts.sum())
+        else:
+            face_counts[name] = 0
+    without_face = 0
+    if "face_found" in current.columns:
+        # None (not searched) is neither True nor False, so it is left out.
+        without_face = int(current["face_found"].isin([False]).sum())
+    return {
+        "num_faces": sum(face_counts.values()),
+        "face_counts": face_counts,
+        "images_without_face": without_face,
+    }
+
+
+def prediction_summary(current: pd.DataFrame) -> dict[str, Any]:
+    """Count the predictions, the share of each predicted class and the faces per class.
+
+    The time range of the predictions is included.
+    """
+    if current.empty:
+        return {"status": "no_data", "message": "no predictions have been logged in this window"}
+    classes = _classes(current)
     labels = current["label"].astype(str)
-    classes += sorted(set(labels) - set(classes))
     counts = labels.value_counts()
     summary: dict[str, Any] = {"status": "ok", "num_predictions": len(current)}
     for name in classes:
         summary[f"{name}_rate"] = float(counts.get(name, 0)) / len(current)
+    summary.update(face_summary(current))
     timestamps = pd.to_datetime(current["timestamp"], utc=True)
     summary["time_range"] = {
         "start": timestamps.min().isoformat(),

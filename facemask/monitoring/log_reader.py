@@ -4,9 +4,13 @@ Each line of the log is one prediction, for example::
 
     {"timestamp": "2026-12-04T17:00:00.123456+00:00", "request_id": "...",
      "model_name": "facemask-classifier", "model_version": "3",
-     "probabilities": {"mask": 0.9, "no_mask": 0.1}, "label": "mask", "latency_ms": 21.5,
+     "probabilities": {"mask": 0.9, "no_mask": 0.1}, "label": "mask",
+     "face_counts": {"mask": 2, "no_mask": 0}, "face_found": true, "latency_ms": 21.5,
      "input": {"width": 640, "height": 480, "mode": "RGB", "format": "JPEG",
                "brightness": 0.45, "contrast": 0.21}}
+
+`face_found` is null when the face stage did not run. Lines written before the service logged
+faces have neither field; they count as one face of their label, with `face_found` unknown.
 
 Rotated files are `<name>.1` (newest) to `<name>.N` (oldest), as `RotatingFileHandler` names them.
 """
@@ -28,8 +32,10 @@ from facemask.monitoring.reference import INPUT_COLUMNS, PROBABILITY_PREFIX
 
 log = logging.getLogger(__name__)
 
-# Columns of the flattened log besides `prob_<class>` and the reference columns.
+# Columns of the flattened log besides `prob_<class>`, `faces_<class>` and the reference columns.
 META_COLUMNS = ("timestamp", "model_name", "model_version")
+# Prefix of the columns that count the faces of each predicted class in one image.
+FACE_COUNT_PREFIX = "faces_"
 
 
 class InvalidRecordError(ValueError):
@@ -110,6 +116,7 @@ def flatten_record(record: Any) -> dict[str, Any]:
         raise InvalidRecordError("non-finite probability")
 
     label = record.get("label")
+    label = str(label) if label is not None else max(values, key=values.get)
     row: dict[str, Any] = {
         "timestamp": timestamp,
         "model_name": record.get("model_name"),
@@ -117,14 +124,33 @@ def flatten_record(record: Any) -> dict[str, Any]:
         if record.get("model_version") is None
         else str(record["model_version"]),
         **{f"{PROBABILITY_PREFIX}{name}": value for name, value in values.items()},
-        "label": str(label) if label is not None else max(values, key=values.get),
+        "label": label,
         "confidence": max(values.values()),
+        **_face_columns(record, label),
     }
     # A record without input properties still counts for the prediction columns.
     inputs = record.get("input") if isinstance(record.get("input"), dict) else {}
     for column in INPUT_COLUMNS:
         row[column] = inputs.get(column)
     return row
+
+
+def _face_columns(record: dict[str, Any], label: str) -> dict[str, Any]:
+    """Return `faces_<class>` counts and `face_found` (True, False or None when unknown)."""
+    counts = record.get("face_counts")
+    if counts is None:
+        # A line from before faces were logged: one image, taken as one face of its label.
+        counts = {label: 1}
+    if not isinstance(counts, dict):
+        raise InvalidRecordError(f"face_counts is not an object: {counts!r}")
+    columns: dict[str, Any] = {}
+    for name, count in counts.items():
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise InvalidRecordError(f"face count of {name!r} is not a count: {count!r}")
+        columns[f"{FACE_COUNT_PREFIX}{name}"] = count
+    found = record.get("face_found")
+    columns["face_found"] = found if isinstance(found, bool) else None
+    return columns
 
 
 def _read_file(
@@ -190,7 +216,9 @@ def load_prediction_log(
 
     frame = pd.DataFrame(rows)
     if frame.empty:
-        result.frame = pd.DataFrame(columns=[*META_COLUMNS, "label", "confidence", *INPUT_COLUMNS])
+        result.frame = pd.DataFrame(
+            columns=[*META_COLUMNS, "label", "confidence", "face_found", *INPUT_COLUMNS]
+        )
         return result
     of_model = pd.Series(True, index=frame.index)
     if model_name is not None:

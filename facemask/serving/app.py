@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -19,6 +20,7 @@ from facemask import __version__
 from facemask.serving.batching import MicroBatcher
 from facemask.serving.drift_routes import router as drift_router
 from facemask.serving.errors import install_error_handlers
+from facemask.serving.faces import build_face_stage, describe_face_stage
 from facemask.serving.metrics import ServiceMetrics
 from facemask.serving.middleware import RequestContextMiddleware, UploadLimitMiddleware
 from facemask.serving.model_store import ModelBundle
@@ -36,7 +38,7 @@ MULTIPART_OVERHEAD_BYTES = 16 * 1024
 
 
 def _warm_up(predictor: Predictor) -> None:
-    """Classify one grey JPEG through the whole request path (decode, transform, model)."""
+    """Classify one grey JPEG through the whole request path (decode, faces, transform, model)."""
     size = predictor.bundle.preprocessing.image_size
     buffer = io.BytesIO()
     Image.new("RGB", (size, size), (128, 128, 128)).save(buffer, format="JPEG")
@@ -52,10 +54,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.batcher.start()
     state.ready = True
     log.info(
-        "Ready: model %s version %s, runtime %s, micro-batches of up to %d images",
+        "Ready: model %s version %s, runtime %s, face stage %s, micro-batches of up to %d "
+        "model inputs",
         state.bundle.uri,
         state.bundle.version,
         state.bundle.runtime,
+        "on" if state.predictor.face_stage is not None else "off",
         state.settings.max_batch_size,
     )
     try:
@@ -67,7 +71,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("Shut down the app of model %s", state.bundle.uri)
 
 
-def _model_description(bundle: ServedModel) -> dict[str, Any]:
+def _model_description(bundle: ServedModel, predictor: Predictor) -> dict[str, Any]:
     size = bundle.preprocessing.image_size
     return {
         "name": bundle.name,
@@ -80,6 +84,7 @@ def _model_description(bundle: ServedModel) -> dict[str, Any]:
         "preprocessing": bundle.preprocessing.to_dict(),
         "test_metrics": bundle.test_metrics,
         "runtime": bundle.runtime,
+        "face_stage": describe_face_stage(predictor.face_stage, bundle.face_settings),
     }
 
 
@@ -98,8 +103,9 @@ def _add_status_routes(app: FastAPI) -> None:
 
     @app.get("/info", tags=["status"])
     async def info(request: Request) -> dict[str, Any]:
-        """Describe the served model: registry entry, run, classes, input size, test metrics."""
-        return _model_description(request.app.state.bundle)
+        """Describe the served model: registry entry, run, classes, input, metrics, face stage."""
+        state = request.app.state
+        return _model_description(state.bundle, state.predictor)
 
     # The response class only sets the documented media type: the handler returns its own.
     @app.get("/metrics", tags=["status"], response_class=PlainTextResponse)
@@ -113,11 +119,18 @@ def create_app(settings: ServeSettings, bundle: ServedModel | ModelBundle) -> Fa
     """Build the app that serves `bundle`.
 
     A PyTorch `ModelBundle` from `load_model_bundle` is served with the torch runtime in
-    float32. `GET /ready` returns 503 and `POST /predict` is rejected until the lifespan startup
-    has run one image through the model; ASGI servers and `with TestClient(app)` run it.
+    float32. With `settings.faces`, a bundle without a loaded face stage gets one built from its
+    face stage settings. `GET /ready` returns 503 and `POST /predict` is rejected until the
+    lifespan startup has run one image through the model; ASGI servers and
+    `with TestClient(app)` run it.
+
+    Raises:
+        ModelLoadError: The face stage is on and its detector cannot be loaded.
     """
     if isinstance(bundle, ModelBundle):
         bundle = served_from_bundle(bundle)
+    if settings.faces and bundle.face_stage is None:
+        bundle = dataclasses.replace(bundle, face_stage=build_face_stage(bundle.face_settings))
     app = FastAPI(
         title="facemask prediction service",
         version=__version__,
@@ -128,10 +141,10 @@ def create_app(settings: ServeSettings, bundle: ServedModel | ModelBundle) -> Fa
     app.state.settings = settings
     app.state.bundle = bundle
     app.state.metrics = metrics
-    predictor = Predictor(bundle, settings.max_pixels)
+    predictor = Predictor(bundle, settings.max_pixels, faces=settings.faces)
     app.state.predictor = predictor
     app.state.batcher = MicroBatcher(
-        predictor.classify,
+        predictor.infer,
         max_batch_size=settings.max_batch_size,
         max_wait_s=settings.max_batch_wait_ms / 1000,
         workers=settings.inference_workers,

@@ -1,4 +1,4 @@
-"""`GET /drift` and `GET /driftsummary`: drift of the logged predictions and their class rates.
+"""`GET /drift` and `GET /driftsummary`: drift of the logged predictions, class rates, faces.
 
 The app provides `app.state.settings` (with `prediction_log` and `tracking_uri`) and
 `app.state.bundle` (the served model, with `run_id`, `name` and `version`). Both handlers are
@@ -49,6 +49,7 @@ def drift(
         ReferenceNotFoundError,
         describe_log,
         drift_summary,
+        face_summary,
         load_prediction_log,
         load_reference,
         window_for_hours,
@@ -92,7 +93,12 @@ def drift(
         min_rows=DEFAULT_MIN_ROWS if min_rows is None else min_rows,
     )
     return JSONResponse(
-        {**summary, "model": model, "window": describe_log(prediction_log, since, until)}
+        {
+            **summary,
+            **face_summary(prediction_log.frame),
+            "model": model,
+            "window": describe_log(prediction_log, since, until),
+        }
     )
 
 
@@ -103,7 +109,7 @@ def driftsummary(
         None, gt=0, le=_MAX_HOURS, description="Window length in hours; omit for the whole log."
     ),
 ) -> JSONResponse:
-    """Count the logged predictions and the rate of each predicted class."""
+    """Count the logged predictions, the rate of each predicted class and the faces per class."""
     from facemask.monitoring.drift import load_prediction_log, prediction_summary, window_for_hours
 
     settings = request.app.state.settings

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -15,7 +17,7 @@ from facemask.serving.served_model import ServedModel
 
 # Seconds; spans a cached small image (a few ms) to a slow batch on a busy CPU.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-# Images per model call; powers of two up to the largest useful micro-batch.
+# Model inputs per call; powers of two up to the largest useful micro-batch.
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -45,8 +47,19 @@ class ServiceMetrics:
         )
         self.predictions = Counter(
             "facemask_predictions",
-            "Images classified, by predicted class.",
+            "Images classified, by predicted image-level class.",
             ["label"],
+            registry=self.registry,
+        )
+        self.faces = Counter(
+            "facemask_faces",
+            "Faces classified, by predicted class; an image without a face found counts once.",
+            ["label"],
+            registry=self.registry,
+        )
+        self.images_without_face = Counter(
+            "facemask_images_without_face",
+            "Images in which the face stage found no face, so the whole image was classified.",
             registry=self.registry,
         )
         self.rejected_inputs = Counter(
@@ -62,7 +75,7 @@ class ServiceMetrics:
         )
         self.batch_size = Histogram(
             "facemask_inference_batch_size",
-            "Images per model call of the micro-batcher.",
+            "Model inputs (face crops or whole images) per model call of the micro-batcher.",
             buckets=BATCH_SIZE_BUCKETS,
             registry=self.registry,
         )
@@ -88,11 +101,19 @@ class ServiceMetrics:
         ).set(1)
         for label in bundle.class_names:
             self.predictions.labels(label=label)
+            self.faces.labels(label=label)
 
     def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         """Count one finished request and record its latency."""
         self.requests.labels(endpoint=endpoint, method=method, status=str(status)).inc()
         self.latency.labels(endpoint=endpoint).observe(seconds)
+
+    def observe_prediction(self, label: str, face_counts: Mapping[str, int]) -> None:
+        """Count one classified image and its faces per class."""
+        self.predictions.labels(label=label).inc()
+        for face_label, count in face_counts.items():
+            if count:
+                self.faces.labels(label=face_label).inc(count)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         """Record the size and duration of one model call."""

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+from facemask.faces.stage import FaceStageSettings
+
 # torch, MLflow and the albumentations behind `Preprocessing` take seconds to import, and
 # serving with ONNX Runtime from a folder needs none of them, so they are imported where used.
 if TYPE_CHECKING:
@@ -26,7 +28,23 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Keys of the /predict response next to the class probabilities; a class may not use them.
-RESERVED_RESPONSE_KEYS = frozenset({"label", "model_version", "request_id", "filename", "error"})
+RESERVED_RESPONSE_KEYS = frozenset(
+    {
+        "label",
+        "model_version",
+        "request_id",
+        "filename",
+        "error",
+        "faces",
+        "counts",
+        "face_found",
+        "face_search",
+    }
+)
+
+# Metadata key of the face stage settings (`FaceStageSettings.to_dict()`), in the MLmodel file
+# and in `facemask_onnx.json`. Training writes null for a model trained on whole images.
+FACE_STAGE_KEY = "face_stage"
 
 # Written by `facemask export` next to MLmodel: registry name, version, alias, test metrics.
 EXPORT_INFO_FILE = "facemask_export.json"
@@ -52,6 +70,8 @@ class ModelBundle:
         run_id: The MLflow run that logged the model, if known.
         uri: The model URI as requested.
         test_metrics: The run's `test/*` metrics.
+        face_stage: The face stage settings stored with the model, or None when its metadata
+            has none.
     """
 
     model: torch.nn.Module
@@ -63,6 +83,7 @@ class ModelBundle:
     run_id: str | None
     uri: str
     test_metrics: dict[str, float] = field(default_factory=dict)
+    face_stage: FaceStageSettings | None = None
 
 
 def redact_uri(uri: str) -> str:
@@ -142,6 +163,25 @@ def check_class_names(names: Sequence[Any]) -> list[str]:
     if clashes:
         raise ModelLoadError(f"class names {sorted(clashes)} clash with response keys")
     return class_names
+
+
+def face_stage_from_metadata(metadata: Mapping[str, Any] | None) -> FaceStageSettings | None:
+    """Return the `face_stage` settings of a model's metadata; None when absent or null.
+
+    Raises:
+        ModelLoadError: The value is not a mapping of valid `FaceStageSettings` fields.
+    """
+    value = (metadata or {}).get(FACE_STAGE_KEY)
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ModelLoadError(
+            f"invalid {FACE_STAGE_KEY} metadata: expected a mapping, got {type(value).__name__}"
+        )
+    try:
+        return FaceStageSettings.from_dict(value)
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"invalid {FACE_STAGE_KEY} metadata: {one_line(exc)}") from exc
 
 
 def _metadata(metadata: dict[str, Any] | None) -> tuple[list[str], Preprocessing]:
@@ -312,6 +352,7 @@ def _load_folder(uri: str, folder: Path) -> ModelBundle:
         run_id=info.run_id,
         uri=uri,
         test_metrics={str(k): float(v) for k, v in exported.get("test_metrics", {}).items()},
+        face_stage=face_stage_from_metadata(info.metadata),
     )
     _log_loaded(bundle)
     return bundle
@@ -339,6 +380,7 @@ def _load(uri: str, tracking_uri: str) -> ModelBundle:
         run_id=info.run_id,
         uri=uri,
         test_metrics=run_test_metrics(client, info.run_id),
+        face_stage=face_stage_from_metadata(info.metadata),
     )
     _log_loaded(bundle)
     return bundle

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version as package_version
@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from facemask.data.images import SUPPORTED_FORMATS, InvalidImageError, decode_image
+from facemask.faces.stage import FaceStageSettings
+from facemask.serving.model_store import FACE_STAGE_KEY
 from facemask.serving.preprocessing import EvalPreprocessing
 from facemask.serving.runtimes import OnnxModel
 from facemask.serving.served_model import ONNX_FILE, ONNX_INFO_FILE
@@ -169,6 +171,32 @@ def check_parity(
     return check
 
 
+def mlmodel_face_stage(folder: Path) -> FaceStageSettings | None:
+    """Return the `face_stage` metadata of the MLflow model in `folder`, if it has any.
+
+    Raises:
+        OnnxExportError: The metadata is not a valid set of face stage settings.
+    """
+    import yaml
+
+    mlmodel = folder / "MLmodel"
+    if not mlmodel.is_file():
+        return None
+    metadata = (yaml.safe_load(mlmodel.read_text()) or {}).get("metadata") or {}
+    return _face_stage_settings(metadata.get(FACE_STAGE_KEY))
+
+
+def _face_stage_settings(value: Any) -> FaceStageSettings | None:
+    if value is None or isinstance(value, FaceStageSettings):
+        return value
+    if not isinstance(value, Mapping):
+        raise OnnxExportError(f"the {FACE_STAGE_KEY} metadata is not a mapping: {value!r}")
+    try:
+        return FaceStageSettings.from_dict(value)
+    except (TypeError, ValueError) as exc:
+        raise OnnxExportError(f"invalid {FACE_STAGE_KEY} metadata: {exc}") from exc
+
+
 def write_onnx_export(
     module: torch.nn.Module,
     class_names: Sequence[str],
@@ -176,6 +204,7 @@ def write_onnx_export(
     image_files: Sequence[Path],
     folder: Path,
     source: dict[str, Any],
+    face_stage: FaceStageSettings | Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write `model.onnx` and `facemask_onnx.json` into `folder` after the parity check.
 
@@ -186,13 +215,20 @@ def write_onnx_export(
         image_files: Real photos for the parity check.
         folder: An existing folder; both files are replaced if present.
         source: Registry and run details (name, version, run_id, URIs) stored in the JSON file.
+        face_stage: The face stage settings stored with the model. None copies the
+            `face_stage` metadata of the MLflow model in `folder`, when it has one.
 
     Returns:
-        The contents of `facemask_onnx.json`.
+        The contents of `facemask_onnx.json`. It has a `face_stage` key only when the model has
+        face stage settings.
 
     Raises:
-        OnnxExportError: The conversion failed or the ONNX model disagrees with PyTorch.
+        OnnxExportError: The conversion failed, the ONNX model disagrees with PyTorch, or the
+            face stage settings are invalid.
     """
+    settings = _face_stage_settings(face_stage)
+    if settings is None:
+        settings = mlmodel_face_stage(folder)
     onnx_path = folder / ONNX_FILE
     convert(module, preprocessing.image_size, onnx_path)
     try:
@@ -216,6 +252,8 @@ def write_onnx_export(
         },
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    if settings is not None:
+        info[FACE_STAGE_KEY] = settings.to_dict()
     (folder / ONNX_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     log.info(
         "Converted the model to ONNX: ONNX Runtime matches PyTorch on %d images (max "

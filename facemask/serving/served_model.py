@@ -1,10 +1,10 @@
 """Load the model that the service runs, with ONNX Runtime when an ONNX export exists.
 
 `facemask export --format onnx` writes `model.onnx` and `facemask_onnx.json` (class names,
-preprocessing, the parity check against PyTorch) into the export folder, logs the same two
-files under `onnx/` in the registered version's run, and tags the version with their URI
-(`facemask.onnx_artifact_uri`). With `runtime=auto` the service runs that ONNX model and does
-not import torch; without an export it loads the logged PyTorch model.
+preprocessing, face stage settings, the parity check against PyTorch) into the export folder,
+logs the same two files under `onnx/` in the registered version's run, and tags the version
+with their URI (`facemask.onnx_artifact_uri`). With `runtime=auto` the service runs that ONNX
+model and does not import torch; without an export it loads the logged PyTorch model.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from facemask.faces.stage import FaceStage, FaceStageSettings
 from facemask.serving import model_store
+from facemask.serving.faces import build_face_stage
 from facemask.serving.model_store import ModelBundle, ModelLoadError, one_line
 from facemask.serving.preprocessing import EvalPreprocessing
 from facemask.serving.runtimes import (
@@ -58,6 +60,9 @@ class ServedModel:
         uri: The model URI as requested.
         runtime: The runtime in words, such as `onnx` or `torch (float32)`.
         test_metrics: The run's `test/*` metrics.
+        face_settings: The face stage settings stored with the model, or None when its
+            metadata has none.
+        face_stage: The loaded face stage, or None when it has not been built.
     """
 
     model: InferenceRuntime
@@ -70,6 +75,8 @@ class ServedModel:
     uri: str
     runtime: str
     test_metrics: dict[str, float] = field(default_factory=dict)
+    face_settings: FaceStageSettings | None = None
+    face_stage: FaceStage | None = None
 
 
 def load_served_model(
@@ -78,6 +85,7 @@ def load_served_model(
     runtime: str = "auto",
     threads: int = 1,
     torch_dtype: str = "float32",
+    faces: bool = True,
 ) -> ServedModel:
     """Load the model at `uri` with the chosen runtime and check it on a zero batch.
 
@@ -88,10 +96,12 @@ def load_served_model(
         runtime: `onnx`, `torch`, or `auto` (ONNX when the model has an ONNX export).
         threads: Intra-op threads of the runtime.
         torch_dtype: `float32` or `bfloat16`, for the torch runtime.
+        faces: Also load the face detector of the model's face stage settings.
 
     Raises:
-        ModelLoadError: The model cannot be found or loaded, or `runtime=onnx` was requested
-            for a model without an ONNX export. The message is one line that ends with the fix.
+        ModelLoadError: The model or the face detector cannot be found or loaded, or
+            `runtime=onnx` was requested for a model without an ONNX export. The message is
+            one line that ends with the fix.
     """
     if runtime not in RUNTIMES:
         raise ModelLoadError(f"runtime={runtime!r} is invalid; use one of {RUNTIMES}")
@@ -103,6 +113,8 @@ def load_served_model(
         served = _onnx_from_registry(uri, tracking_uri, runtime, threads)
     if served is None:
         served = _from_torch(uri, tracking_uri, threads, torch_dtype)
+    if faces:
+        served.face_stage = build_face_stage(served.face_settings)
     release_free_memory()
     _log_loaded(served)
     return served
@@ -133,6 +145,7 @@ def served_from_bundle(bundle: ModelBundle, torch_dtype: str = "float32") -> Ser
         uri=bundle.uri,
         test_metrics=bundle.test_metrics,
         runtime=describe(model),
+        face_settings=bundle.face_stage,
     )
 
 
@@ -216,6 +229,7 @@ def _load_onnx(folder: Path, uri: str, threads: int, registry: dict[str, Any]) -
         preprocessing = EvalPreprocessing.from_dict(info["preprocessing"])
     except (TypeError, ValueError) as exc:
         raise ModelLoadError(f"invalid preprocessing in {info_file.name}: {exc}") from exc
+    face_settings = model_store.face_stage_from_metadata(info)
     try:
         model = OnnxModel(folder / ONNX_FILE, threads)
     except Exception as exc:  # onnxruntime raises its own exception types on a bad file.
@@ -231,6 +245,7 @@ def _load_onnx(folder: Path, uri: str, threads: int, registry: dict[str, Any]) -
         uri=uri,
         test_metrics={str(k): float(v) for k, v in registry.get("test_metrics", {}).items()},
         runtime=describe(model),
+        face_settings=face_settings,
     )
     check_output_shape(served)
     return served
@@ -252,7 +267,8 @@ def check_output_shape(served: ServedModel) -> None:
 
 def _log_loaded(served: ServedModel) -> None:
     log.info(
-        "Serving model %s (name %s, version %s, run %s, classes %s, input %d px) with runtime %s",
+        "Serving model %s (name %s, version %s, run %s, classes %s, input %d px) with runtime %s "
+        "and face detector %s",
         served.uri,
         served.name,
         served.version,
@@ -260,4 +276,5 @@ def _log_loaded(served: ServedModel) -> None:
         served.class_names,
         served.preprocessing.image_size,
         served.runtime,
+        "none" if served.face_stage is None else served.face_stage.detector.name,
     )

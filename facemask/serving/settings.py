@@ -38,6 +38,8 @@ class ServeSettings:
         torch_threads: Intra-op threads of the runtime (torch or ONNX Runtime), or None to
             divide the CPUs among the inference workers.
         log_level: Python logging level name for the service and uvicorn.
+        faces: Classify each face that the model's face stage finds (the whole image when it
+            finds none); False classifies whole images.
     """
 
     model_uri: str
@@ -57,6 +59,7 @@ class ServeSettings:
     inference_workers: int = 1
     torch_threads: int | None = None
     log_level: str = "info"
+    faces: bool = True
 
     def __post_init__(self) -> None:
         positive = {
@@ -90,6 +93,8 @@ class ServeSettings:
             )
         if self.log_level.lower() not in LOG_LEVELS:
             raise ValueError(f"log_level={self.log_level!r} is invalid; use one of {LOG_LEVELS}")
+        if not isinstance(self.faces, bool):
+            raise ValueError(f"faces={self.faces!r} is invalid; use true or false")
 
     @property
     def intra_op_threads(self) -> int:
@@ -120,6 +125,8 @@ class ServeSettings:
             inference_workers=int(cfg.inference_workers),
             torch_threads=None if cfg.torch_threads is None else int(cfg.torch_threads),
             log_level=str(cfg.log_level).lower(),
+            # Hydra parses `faces=false` as a bool; any other value fails the check above.
+            faces=cfg.get("faces", True),
         )
 
 
