@@ -216,3 +216,17 @@ def test_face_training_stores_stage(face_data, tmp_path):
     metrics = client.get_run(result.run_id).data.metrics
     assert metrics["faces/train/faces"] + metrics["faces/val/faces"] >= 5
     assert "faces/test/fallback_images" in metrics
+
+    # facemask evaluate classifies the faces of each photo with the stored stage.
+    from facemask.data.scan import scan_dataset
+    from facemask.evaluation import predict_dataset
+    from facemask.serving.model_store import load_model_bundle
+
+    bundle = load_model_bundle(result.registration.model_uri, result.tracking_uri)
+    assert bundle.face_stage.margin == 0.3
+    scan = scan_dataset(face_data)
+    by_faces = predict_dataset(bundle, scan, batch_size=8)
+    whole = predict_dataset(bundle, scan, batch_size=8, faces=False)
+    group = [r.relpath for r in by_faces.records].index(GROUP_PHOTO)
+    assert by_faces.probs.shape == whole.probs.shape
+    assert not np.allclose(by_faces.probs[group], whole.probs[group])
