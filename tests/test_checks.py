@@ -200,14 +200,15 @@ def test_whole_picture_model_checks(tmp_path, model, test_pictures, broken_image
         test_labels=[*labels[:3], 0, *labels[-3:]],
         ood_root=None,
         output_dir=tmp_path / "output",
-        settings=CheckSettings(cam_per_class=1),
+        # Every picture of each class is sampled, so the skipped file is always among them.
+        settings=CheckSettings(cam_per_class=4),
     )
     assert "OOD check skipped: data.ood_root is not set" in caplog.text
     assert not [key for key in metrics if key.startswith("ood/")]
     assert metrics["framing/images"] == 6
     assert metrics["framing/skipped"] == 1
     assert 0.0 <= metrics["framing/max_gap"] <= 1.0
-    assert metrics["cam/pictures"] == 2
+    assert metrics["cam/pictures"] == 6
     assert 0.0 <= metrics["cam/in_face_share"] <= 1.0
     # The default face stage finds the faces, although the model classifies whole pictures.
     assert metrics["cam/face_area_share"] < 1.0
