@@ -98,6 +98,9 @@ def predict_dataset(
     draft_size = (
         bundle.face_stage.draft_size(pre.image_size, pre.jpeg_draft) if stage else pre.draft_size
     )
+    if stage is not None:
+        log.info("Classifying the faces of each photo with the model's face stage")
+    without_face = 0
     records: list[ImageRecord] = []
     skipped = list(scan.skipped)
     batches: list[np.ndarray] = []
@@ -131,6 +134,7 @@ def predict_dataset(
             )
             batches.append(np.array([[result.probabilities[n] for n in bundle.class_names]]))
             records.append(record)
+            without_face += result.fallback
             continue
         pending.append(image_to_tensor(image, transform))
         pending_records.append(record)
@@ -140,6 +144,12 @@ def predict_dataset(
         flush()
     if not records:
         raise EvaluationError(f"No image of {scan.root} could be preprocessed; see the log.")
+    if stage is not None:
+        log.info(
+            "%d of %d photos had no face found and were classified whole",
+            without_face,
+            len(records),
+        )
     targets = np.array([index_of[record.label] for record in records], dtype=np.int64)
     return Predictions(records, targets, np.concatenate(batches), sorted(skipped, key=_relpath))
 

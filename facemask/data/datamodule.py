@@ -262,12 +262,14 @@ class FaceMaskDataModule(L.LightningDataModule):
             self.face_summary[split] = summary
             log.info(
                 "%s: %d images, %d faces, %d images with several faces, %d without a face "
-                "(used whole)",
+                "(used whole); %d samples (face_samples=%s)",
                 split,
                 summary.images,
                 summary.faces,
                 summary.multi_face_images,
                 summary.fallback_images,
+                summary.samples,
+                self.face_samples,
             )
 
     def _sample_regions(self, search: FaceSearch) -> list[int]:
