@@ -49,7 +49,7 @@ def zoom_out(rgb: np.ndarray, scale: float) -> np.ndarray:
     A flat canvas contains no structure, so every face that the detector finds in the result is
     a face of the picture. A blurred, enlarged copy would keep the layout of an enlarged face at
     low contrast. BlazeFace runs on the frame downscaled to 128 pixels, where the blur shrinks
-    to a few pixels, so it can still detect that face, and a whole-picture model sees it too.
+    to a few pixels, so it can still detect that face, and a whole-picture model receives it too.
     """
     height, width = rgb.shape[:2]
     canvas_height = max(height, int(round(height * scale)))

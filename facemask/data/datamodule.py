@@ -325,8 +325,10 @@ class FaceMaskDataModule(L.LightningDataModule):
         return split_counts(self.manifest)
 
     def split_paths(self, split: str) -> list[Path]:
-        """Return the image path of each sample of one split, in the order its DataLoader yields
-        them; with `faces`, an image with several faces appears once per face."""
+        """Return the image path of each sample of one split, in DataLoader order.
+
+        With `faces`, an image with several faces appears once per face.
+        """
         return list(self.datasets[split].paths)
 
     def _require_scan(self) -> ScanResult:

@@ -5,7 +5,7 @@ A detector maps an RGB picture to face boxes in that picture's pixels. `FaceStag
 tiling for small faces in wide frames, the crop margin and the whole-image fallback.
 
 The default detector is MediaPipe's short-range BlazeFace model (Apache-2.0, 230 KB) run by
-MediaPipe's Tasks API. The model file is not part of the `mediapipe` wheel any more; `facemask
+MediaPipe's Tasks API. The model file is not part of the `mediapipe` wheel any more, so `facemask
 fetch-face-model` (run by `make setup`) takes it from the `mediapipe==0.10.21` wheel on PyPI,
 checks its SHA-256 and stores it next to this module. Nothing is fetched at run time.
 """
@@ -124,7 +124,7 @@ def blazeface_model_path() -> Path:
 class BlazeFaceDetector:
     """MediaPipe's short-range BlazeFace, for faces that fill at least about a tenth of the frame.
 
-    The model sees the picture resized to 128x128, so small faces in a wide frame need the
+    The model runs on the picture resized to 128x128, so small faces in a wide frame need the
     tiling of `FaceStage`. Each thread gets its own MediaPipe detector, because one detector
     serves one call at a time.
 
@@ -225,7 +225,7 @@ def build_detector(name: str, min_score: float) -> FaceDetector:
     """Return the registered detector `name`, built once per process and settings.
 
     Detectors are shared because they are never freed before the process exits (see
-    `_OPEN_DETECTORS`), and each one holds its model and threads.
+    `_OPEN_DETECTORS`), and each one contains its model and threads.
     """
     if name not in DETECTORS:
         raise ValueError(f"unknown face detector {name!r}; known: {sorted(DETECTORS)}")

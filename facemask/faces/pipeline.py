@@ -3,7 +3,7 @@
 Serving, the end-of-training checks and `facemask evaluate` all go through `classify_faces`,
 so a number measured offline is a number of the served pipeline.
 
-The picture-level result keeps the response of a model without a face stage: a picture counts as
+The picture-level result keeps the response of a model without a face stage. A picture counts as
 `no_mask` when any face in it is unmasked, so its `no_mask` probability is the highest `no_mask`
 probability of its faces and the other classes share the rest in proportion.
 """

@@ -12,7 +12,7 @@ framing that serving does not produce:
    `border_scale` times its size: the short-range model misses faces that fill the whole frame.
 4. Each face is cropped as a square `1 + 2 * margin` times the longer side of its box, centred
    on the box and clipped to the picture.
-5. A picture with no face is used whole (the fallback), and results say so.
+5. A picture with no face is used whole (the fallback), and results mark it as such.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class FaceStageSettings:
         detector: Name of the detector (see `facemask.faces.detector.DETECTORS`).
         min_score: Lowest detector confidence of a face.
         margin: Context added around a face box on each side, as a fraction of its longer side.
-        detect_side: Longer side, in pixels, of the picture the detector sees.
+        detect_side: Longer side, in pixels, of the picture given to the detector.
         tiles: Tiles per side of the small-face grid; 1 turns tiling off.
         tile_min_side: Shorter side, in pixels at `detect_side`, from which tiling runs.
         border_scale: Canvas size of the grey-border retry relative to the picture; 1 turns
@@ -96,7 +96,7 @@ class FaceStageSettings:
 
 @dataclass(frozen=True)
 class FaceRegion:
-    """One region of a picture that the classifier sees.
+    """One region of a picture that is given to the classifier.
 
     Attributes:
         box: The detected face box, or the whole picture for the fallback.
@@ -111,7 +111,7 @@ class FaceRegion:
 
 @dataclass(frozen=True)
 class FaceSearch:
-    """What the face stage found in one picture.
+    """Result of the face search in one picture.
 
     Attributes:
         regions: The regions to classify: one per face, or the whole picture when none.
